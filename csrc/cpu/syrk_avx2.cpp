@@ -1,0 +1,139 @@
+// AVX2/FMA/F16C building blocks of center_syrk. Only this file is compiled with -mavx2 -mfma -mf16c;
+// it is called only after a run-time CPU check (see active_kernels()).
+#include <immintrin.h>
+
+#include "syrk_kernel.h"
+
+namespace refframe::cpu {
+namespace {
+
+// bf16 -> fp32 is a 16-bit left shift of the bit pattern: exact.
+void center_bf16_avx2(const c10::BFloat16* src, const float* mean, int64_t d, float* dst) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
+    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    _mm256_storeu_ps(dst + j, _mm256_sub_ps(x, _mm256_loadu_ps(mean + j)));
+  }
+  for (; j < d; ++j) dst[j] = static_cast<float>(src[j]) - mean[j];
+}
+
+void center_f16_avx2(const c10::Half* src, const float* mean, int64_t d, float* dst) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
+    _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtph_ps(raw), _mm256_loadu_ps(mean + j)));
+  }
+  for (; j < d; ++j) dst[j] = static_cast<float>(src[j]) - mean[j];
+}
+
+void center_f32_avx2(const float* src, const float* mean, int64_t d, float* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_loadu_ps(src + j), _mm256_loadu_ps(mean + j)));
+  for (; j < d; ++j) dst[j] = src[j] - mean[j];
+}
+
+inline void add8_f64(double* acc, __m256 x) {
+  _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), _mm256_cvtps_pd(_mm256_castps256_ps128(x))));
+  _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4),
+                                          _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
+}
+
+void accumulate_bf16_avx2(const c10::BFloat16* src, int64_t d, double* acc) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
+    add8_f64(acc + j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+  }
+  for (; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
+}
+
+void accumulate_f16_avx2(const c10::Half* src, int64_t d, double* acc) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8)
+    add8_f64(acc + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j))));
+  for (; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
+}
+
+void accumulate_f32_avx2(const float* src, int64_t d, double* acc) {
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) add8_f64(acc + j, _mm256_loadu_ps(src + j));
+  for (; j < d; ++j) acc[j] += static_cast<double>(src[j]);
+}
+
+// 16x6 register tile: 12 ymm accumulators, 2 ymm for the A column, 1 for the broadcast B value.
+// Per k: 2 loads + 6 broadcasts feed 12 FMAs, so the two FMA pipes stay busy.
+void micro_avx2(int64_t kc, const float* a, const float* b, double* c) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps();
+  __m256 c03 = _mm256_setzero_ps(), c04 = _mm256_setzero_ps(), c05 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(), c12 = _mm256_setzero_ps();
+  __m256 c13 = _mm256_setzero_ps(), c14 = _mm256_setzero_ps(), c15 = _mm256_setzero_ps();
+#define REFFRAME_STEP(K)                                                   \
+  {                                                                        \
+    const __m256 a0 = _mm256_load_ps(a + (K) * MR);                        \
+    const __m256 a1 = _mm256_load_ps(a + (K) * MR + 8);                    \
+    __m256 bv = _mm256_broadcast_ss(b + (K) * NR + 0);                     \
+    c00 = _mm256_fmadd_ps(a0, bv, c00);                                    \
+    c10 = _mm256_fmadd_ps(a1, bv, c10);                                    \
+    bv = _mm256_broadcast_ss(b + (K) * NR + 1);                            \
+    c01 = _mm256_fmadd_ps(a0, bv, c01);                                    \
+    c11 = _mm256_fmadd_ps(a1, bv, c11);                                    \
+    bv = _mm256_broadcast_ss(b + (K) * NR + 2);                            \
+    c02 = _mm256_fmadd_ps(a0, bv, c02);                                    \
+    c12 = _mm256_fmadd_ps(a1, bv, c12);                                    \
+    bv = _mm256_broadcast_ss(b + (K) * NR + 3);                            \
+    c03 = _mm256_fmadd_ps(a0, bv, c03);                                    \
+    c13 = _mm256_fmadd_ps(a1, bv, c13);                                    \
+    bv = _mm256_broadcast_ss(b + (K) * NR + 4);                            \
+    c04 = _mm256_fmadd_ps(a0, bv, c04);                                    \
+    c14 = _mm256_fmadd_ps(a1, bv, c14);                                    \
+    bv = _mm256_broadcast_ss(b + (K) * NR + 5);                            \
+    c05 = _mm256_fmadd_ps(a0, bv, c05);                                    \
+    c15 = _mm256_fmadd_ps(a1, bv, c15);                                    \
+  }
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    _mm_prefetch(reinterpret_cast<const char*>(a + 8 * MR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + 10 * MR), _MM_HINT_T0);
+    REFFRAME_STEP(0)
+    REFFRAME_STEP(1)
+    REFFRAME_STEP(2)
+    REFFRAME_STEP(3)
+    a += 4 * MR;
+    b += 4 * NR;
+  }
+  for (; k < kc; ++k) {
+    REFFRAME_STEP(0)
+    a += MR;
+    b += NR;
+  }
+#undef REFFRAME_STEP
+  add8_f64(c + 0 * MR, c00);
+  add8_f64(c + 0 * MR + 8, c10);
+  add8_f64(c + 1 * MR, c01);
+  add8_f64(c + 1 * MR + 8, c11);
+  add8_f64(c + 2 * MR, c02);
+  add8_f64(c + 2 * MR + 8, c12);
+  add8_f64(c + 3 * MR, c03);
+  add8_f64(c + 3 * MR + 8, c13);
+  add8_f64(c + 4 * MR, c04);
+  add8_f64(c + 4 * MR + 8, c14);
+  add8_f64(c + 5 * MR, c05);
+  add8_f64(c + 5 * MR + 8, c15);
+}
+
+}  // namespace
+
+const KernelSet& avx2_kernels() {
+  static const KernelSet set{"avx2",           center_bf16_avx2,     center_f16_avx2,
+                             center_f32_avx2,  accumulate_bf16_avx2, accumulate_f16_avx2,
+                             accumulate_f32_avx2, micro_avx2};
+  return set;
+}
+
+}  // namespace refframe::cpu

@@ -1,0 +1,43 @@
+// Interface between the center-and-syrk driver and its SIMD-specific building blocks.
+//
+// Every kernel set performs bit-for-bit the same arithmetic (exact conversions, one IEEE subtraction,
+// one fused multiply-add per product in the same order), so the portable and AVX2 paths give identical
+// covariances; only their speed differs.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace refframe::cpu {
+
+// Micro-tile: MR rows (vector side) x NR columns (broadcast side) of the covariance.
+constexpr int64_t MR = 16;
+constexpr int64_t NR = 6;
+
+struct KernelSet {
+  const char* name;
+  // dst[j] = float(src[j]) - mean[j] for j < d (the caller zero-pads dst beyond d).
+  void (*center_bf16)(const c10::BFloat16* src, const float* mean, int64_t d, float* dst);
+  void (*center_f16)(const c10::Half* src, const float* mean, int64_t d, float* dst);
+  void (*center_f32)(const float* src, const float* mean, int64_t d, float* dst);
+  // acc[j] += double(src[j]) for j < d (exact conversion, one fp64 addition per element).
+  void (*accumulate_bf16)(const c10::BFloat16* src, int64_t d, double* acc);
+  void (*accumulate_f16)(const c10::Half* src, int64_t d, double* acc);
+  void (*accumulate_f32)(const float* src, int64_t d, double* acc);
+  // c[col * MR + row] += double(sum over k < kc of a[k * MR + row] * b[k * NR + col]), the sum
+  // taken in fp32 with one fused multiply-add per term, in increasing k.
+  void (*micro)(int64_t kc, const float* a, const float* b, double* c);
+};
+
+const KernelSet& portable_kernels();
+#ifdef REFFRAME_HAVE_AVX2_TU
+const KernelSet& avx2_kernels();
+#endif
+
+// The set used by center_syrk: AVX2 when the CPU has AVX2+FMA+F16C, else portable. The environment
+// variable REFFRAME_CPU_KERNEL=portable forces the portable set (used by the tests to compare them).
+const KernelSet& active_kernels();
+
+}  // namespace refframe::cpu

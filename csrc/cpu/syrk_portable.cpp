@@ -1,0 +1,57 @@
+// Portable building blocks of center_syrk: plain C++ that any compiler vectorises, with the same
+// arithmetic as the SIMD sets (see syrk_kernel.h).
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "syrk_kernel.h"
+
+namespace refframe::cpu {
+namespace {
+
+template <typename T>
+void center_portable(const T* src, const float* mean, int64_t d, float* dst) {
+  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]) - mean[j];
+}
+
+template <typename T>
+void accumulate_portable(const T* src, int64_t d, double* acc) {
+  for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
+}
+
+void micro_portable(int64_t kc, const float* a, const float* b, double* c) {
+  float acc[NR][MR] = {};
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* ak = a + k * MR;
+    const float* bk = b + k * NR;
+    for (int64_t col = 0; col < NR; ++col) {
+      const float bv = bk[col];
+      for (int64_t row = 0; row < MR; ++row) acc[col][row] = std::fma(ak[row], bv, acc[col][row]);
+    }
+  }
+  for (int64_t col = 0; col < NR; ++col)
+    for (int64_t row = 0; row < MR; ++row) c[col * MR + row] += static_cast<double>(acc[col][row]);
+}
+
+}  // namespace
+
+const KernelSet& portable_kernels() {
+  static const KernelSet set{"portable", center_portable<c10::BFloat16>, center_portable<c10::Half>,
+                             center_portable<float>, accumulate_portable<c10::BFloat16>,
+                             accumulate_portable<c10::Half>, accumulate_portable<float>,
+                             micro_portable};
+  return set;
+}
+
+const KernelSet& active_kernels() {
+  const char* force = std::getenv("REFFRAME_CPU_KERNEL");
+  if (force != nullptr && std::strcmp(force, "portable") == 0) return portable_kernels();
+#if defined(REFFRAME_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                               __builtin_cpu_supports("f16c");
+  if (has_avx2) return avx2_kernels();
+#endif
+  return portable_kernels();
+}
+
+}  // namespace refframe::cpu

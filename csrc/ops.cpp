@@ -1,0 +1,43 @@
+// Operator schemas of the refframe library and the Python module that loads them.
+//
+// Importing refframe._C runs the static TORCH_LIBRARY / TORCH_LIBRARY_IMPL registrations; the module
+// itself only carries build facts (torch version built against, CUDA support, CPU kernel choice).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/syrk_kernel.h"
+
+TORCH_LIBRARY(refframe, m) {
+  // Mean of the rows W[ids] as fp32 (d,), accumulated in fp64, without materialising W[ids].
+  m.def("gather_mean(Tensor W, Tensor ids) -> Tensor");
+  // Means of K segments of rows: segment k is W[ids[offsets[k]:offsets[k+1]]]. fp32 (K, d).
+  m.def("segment_mean(Tensor W, Tensor ids, Tensor offsets) -> Tensor");
+  // Exact fp64 column mean (d,) and population covariance Wc^T Wc / N as fp32 (d, d).
+  m.def("center_syrk(Tensor W) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+PyObject* cpu_kernel(PyObject*, PyObject*) {
+  return PyUnicode_FromString(refframe::cpu::active_kernels().name);
+}
+
+PyMethodDef methods[] = {
+    {"cpu_kernel", cpu_kernel, METH_NOARGS, "Name of the CPU micro-kernel set chosen at run time."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "refframe native kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod == nullptr) return nullptr;
+  PyModule_AddStringConstant(mod, "TORCH_VERSION", REFFRAME_TORCH_VERSION);
+#ifdef REFFRAME_WITH_CUDA
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 0);
+#endif
+  return mod;
+}

@@ -1,0 +1,39 @@
+"""Exception hierarchy: every failure refframe reports is a RefframeError with a one-line message."""
+
+from __future__ import annotations
+
+
+class RefframeError(Exception):
+    """Base class of all errors raised by refframe."""
+
+
+class InputError(RefframeError):
+    """An input file or tensor is missing, unreadable, malformed or has the wrong shape or dtype."""
+
+
+class KeyNotFoundError(InputError):
+    """A requested tensor key is not in the file."""
+
+
+class ClusterIdsError(InputError):
+    """Cluster token ids are malformed or out of range."""
+
+
+class NonFiniteError(InputError):
+    """W contains NaN or Inf values."""
+
+
+class ResourceError(RefframeError):
+    """The job would not fit in memory, or the output location cannot be written."""
+
+
+class OutputError(ResourceError):
+    """The output path is unusable (missing directory, not writable, a directory, disk full)."""
+
+
+class BackendError(RefframeError):
+    """The requested backend cannot run here (e.g. native without the compiled library)."""
+
+
+class VerificationError(RefframeError):
+    """A frame file failed verification."""

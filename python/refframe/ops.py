@@ -1,0 +1,116 @@
+"""Native operators and backend dispatch.
+
+Loads the compiled library (refframe._C) if it exists and was built against the running torch;
+otherwise warns once, says how to rebuild, and every op runs the pure-torch reference instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import reference
+from .errors import BackendError
+
+BACKENDS = ("auto", "native", "torch")
+REBUILD_HINT = "rebuild it with: pip install --no-build-isolation --force-reinstall --no-deps ."
+
+
+def _load_native() -> tuple[object | None, str]:
+    if os.environ.get("REFFRAME_DISABLE_NATIVE"):
+        return None, "disabled by REFFRAME_DISABLE_NATIVE"
+    try:
+        from . import _C  # type: ignore[attr-defined]
+    except (ImportError, OSError) as exc:
+        return None, f"the native library could not be loaded ({exc})"
+    built = getattr(_C, "TORCH_VERSION", "?")
+    if built != torch.__version__:
+        return None, f"the native library was built against torch {built}, running torch {torch.__version__}"
+    return _C, ""
+
+
+_C, _NATIVE_REASON = _load_native()
+if _C is None and not os.environ.get("REFFRAME_DISABLE_NATIVE"):
+    warnings.warn(
+        f"refframe: {_NATIVE_REASON}; using the pure-torch path. To get the native kernels, {REBUILD_HINT}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+if _C is not None:
+
+    @torch.library.register_fake("refframe::gather_mean")
+    def _gather_mean_fake(W: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return W.new_empty((W.shape[1],), dtype=torch.float32)
+
+    @torch.library.register_fake("refframe::segment_mean")
+    def _segment_mean_fake(W: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return W.new_empty((offsets.shape[0] - 1, W.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("refframe::center_syrk")
+    def _center_syrk_fake(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = W.shape[1]
+        return W.new_empty((d,), dtype=torch.float64), W.new_empty((d, d), dtype=torch.float32)
+
+
+def native_available() -> bool:
+    """True when the compiled kernels are loaded and match the running torch."""
+    return _C is not None
+
+
+def native_status() -> str:
+    """One line saying which path runs and why."""
+    if _C is None:
+        return f"pure torch ({_NATIVE_REASON})"
+    cuda = "CPU + CUDA" if _C.WITH_CUDA else "CPU"
+    return f"native {cuda} kernels (cpu kernel: {_C.cpu_kernel()}), torch {torch.__version__}"
+
+
+def native_supports(device: torch.device) -> bool:
+    """True when the native kernels can run on tensors of this device."""
+    if _C is None:
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and bool(_C.WITH_CUDA))
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" / "native" / "torch" to the backend that runs on `device`."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    ok = native_supports(device)
+    if backend == "native" and not ok:
+        why = _NATIVE_REASON if _C is None else f"this build has no native kernels for {device.type}"
+        raise BackendError(f"backend 'native' cannot run on {device.type}: {why}")
+    if backend == "auto":
+        return "native" if ok else "torch"
+    return backend
+
+
+def covariance(W: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mean (fp32, (d,)) and population covariance Wc^T Wc / N (fp32, (d, d)) of W (N, d).
+
+    The native path reads W (bf16, fp16 or fp32) in place, takes an exact fp64 mean and accumulates
+    in fp64; the torch path is the seed's fp32 computation.
+    """
+    if resolve_backend(backend, W.device) == "native":
+        mean64, cov = torch.ops.refframe.center_syrk(W)
+        return mean64.to(torch.float32), cov
+    return reference.covariance(W)
+
+
+def gather_mean(W: torch.Tensor, ids: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Mean of the rows W[ids] as fp32 (d,); the native path accumulates in fp64 without copying rows."""
+    if resolve_backend(backend, W.device) == "native":
+        return torch.ops.refframe.gather_mean(W, ids.to(W.device))
+    return reference.gather_mean(W, ids)
+
+
+def segment_mean(
+    W: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass."""
+    if resolve_backend(backend, W.device) == "native":
+        return torch.ops.refframe.segment_mean(W, ids.to(W.device), offsets.to(W.device))
+    return reference.segment_mean(W, ids, offsets)
