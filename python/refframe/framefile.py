@@ -1,0 +1,91 @@
+"""The frame file: exactly the seed's three float32 tensors plus descriptive string metadata."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import torch
+
+from .frame import Frame
+from .io import SafetensorsFile, save_tensors
+
+KEY_CENTROID = "cluster_centroid"
+KEY_EIGENVALUES = "W_eigenvalues"
+KEY_EIGENVECTORS = "W_eigenvectors"
+FRAME_KEYS = (KEY_CENTROID, KEY_EIGENVALUES, KEY_EIGENVECTORS)
+FORMAT = "refframe-frame/1"
+SIGN_CONVENTION = "largest-magnitude component of each eigenvector is positive"
+DEFAULT_FILENAME = "1.6a_cluster_reference_frame.safetensors"
+
+
+def frame_metadata(
+    frame: Frame, *, model_name: str = "", source_dtype: str = "", w_hash: str = ""
+) -> dict[str, str]:
+    """The string metadata written beside the tensors."""
+    from . import __version__
+
+    meta = {
+        "format": FORMAT,
+        "model_name": model_name,
+        "n_tokens": str(frame.n_tokens),
+        "d": str(frame.dim),
+        "cluster_size": str(frame.cluster_size),
+        "source_dtype": source_dtype,
+        "w_hash": w_hash,
+        "backend": frame.backend,
+        "device": frame.device,
+        "eigenvector_signs": SIGN_CONVENTION,
+        "refframe_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    meta.update(frame.metadata)
+    return meta
+
+
+def save_frame(
+    frame: Frame,
+    path: str | os.PathLike[str],
+    *,
+    model_name: str = "",
+    source_dtype: str = "",
+    w_hash: str = "",
+) -> Path:
+    """Write the frame atomically: the previous file at `path` survives any failure intact."""
+    tensors = {
+        KEY_CENTROID: frame.centroid.to(torch.float32),
+        KEY_EIGENVALUES: frame.eigenvalues.to(torch.float32),
+        KEY_EIGENVECTORS: frame.eigenvectors.to(torch.float32),
+    }
+    meta = frame_metadata(frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash)
+    save_tensors(path, tensors, meta)
+    return Path(path)
+
+
+def load_frame(path: str | os.PathLike[str]) -> Frame:
+    """Read a frame file (tensors copied out of the file, metadata kept in `frame.metadata`)."""
+    f = SafetensorsFile(path)
+    centroid = f.tensor(KEY_CENTROID).clone()
+    evals = f.tensor(KEY_EIGENVALUES).clone()
+    evecs = f.tensor(KEY_EIGENVECTORS).clone()
+    meta = dict(f.metadata)
+
+    def _int(key: str, default: int) -> int:
+        try:
+            return int(meta.get(key, default))
+        except ValueError:
+            return default
+
+    return Frame(
+        centroid=centroid,
+        eigenvalues=evals,
+        eigenvectors=evecs,
+        mean=None,
+        n_tokens=_int("n_tokens", 0),
+        cluster_size=_int("cluster_size", 0),
+        backend=meta.get("backend", ""),
+        device=meta.get("device", ""),
+        metadata=meta,
+    )

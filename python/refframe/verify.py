@@ -1,0 +1,210 @@
+"""Verification of a frame file: format, internal consistency and, given the source, the maths.
+
+The maths is checked matrix-free against W: one streaming pass gives Wc^T (Wc P) / N in fp64 for a
+few probe vectors P (the leading eigenvectors and fixed random directions), so no d x d covariance
+is recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import VerificationError
+from .frame import check_ids, check_w
+from .framefile import FRAME_KEYS, KEY_CENTROID, KEY_EIGENVALUES, KEY_EIGENVECTORS
+from .io import SafetensorsFile
+
+# Tolerances, relative to lambda_1 unless said otherwise. A correct fp32 frame sits orders of
+# magnitude below them (residual ~5e-7, Rayleigh quotient ~1e-7, orthogonality ~1e-6).
+TOL_ORTHO = 1e-4
+TOL_DESCENDING = 1e-6
+TOL_RESIDUAL = 5e-5
+TOL_RAYLEIGH = 5e-6
+TOL_PROBE = 5e-5
+TOL_TRACE = 1e-4  # relative to the trace
+TOL_CENTROID = 1e-5  # relative to ||centroid||
+LEADING = 16
+PROBES = 4
+
+
+@dataclass
+class VerifyResult:
+    """What was checked and the worst error of each check."""
+
+    d: int
+    checks: list[str] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def _fail(path: object, msg: str) -> VerificationError:
+    return VerificationError(f"{path}: {msg}")
+
+
+def column_mean64(W: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Exact-ish fp64 column mean of W, streamed in row chunks (no full copy)."""
+    acc = torch.zeros(W.shape[1], dtype=torch.float64, device=W.device)
+    for i in range(0, W.shape[0], chunk):
+        acc += W[i : i + chunk].to(torch.float64).sum(dim=0)
+    return acc / W.shape[0]
+
+
+def covariance_apply(
+    W: torch.Tensor, P: torch.Tensor, mean64: torch.Tensor, chunk: int = 8192
+) -> tuple[torch.Tensor, float]:
+    """Wc^T (Wc P) / N in fp64 for probe vectors P (d, m), and trace(Wc^T Wc) / N, in one pass."""
+    P64 = P.to(W.device, torch.float64)
+    out = torch.zeros_like(P64)
+    trace = 0.0
+    for i in range(0, W.shape[0], chunk):
+        X = W[i : i + chunk].to(torch.float64) - mean64
+        out += X.T @ (X @ P64)
+        trace += float(X.pow(2).sum())
+    return out / W.shape[0], trace / W.shape[0]
+
+
+def check_frame_tensors(path: object, f: SafetensorsFile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys = set(f.keys())
+    missing = [k for k in FRAME_KEYS if k not in keys]
+    if missing:
+        raise _fail(path, f"missing key {missing[0]!r} (a frame holds {', '.join(FRAME_KEYS)})")
+    extra = sorted(keys - set(FRAME_KEYS))
+    if extra:
+        raise _fail(path, f"unexpected key {extra[0]!r} (a frame holds exactly {', '.join(FRAME_KEYS)})")
+    for k in FRAME_KEYS:
+        dtype, _ = f.info(k)
+        if dtype != torch.float32:
+            raise _fail(path, f"{k} has dtype {str(dtype).removeprefix('torch.')}, expected float32")
+    c_shape, l_shape, v_shape = (f.info(k)[1] for k in FRAME_KEYS)
+    if len(l_shape) != 1 or l_shape[0] == 0:
+        raise _fail(path, f"{KEY_EIGENVALUES} has shape {list(l_shape)}, expected (d,)")
+    d = l_shape[0]
+    if c_shape != (d,):
+        raise _fail(path, f"{KEY_CENTROID} has shape {list(c_shape)}, expected ({d},)")
+    if v_shape != (d, d):
+        raise _fail(path, f"{KEY_EIGENVECTORS} has shape {list(v_shape)}, expected ({d}, {d})")
+    tensors = tuple(f.tensor(k) for k in FRAME_KEYS)
+    for k, t in zip(FRAME_KEYS, tensors):
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = tuple(int(x) for x in bad.nonzero()[0])
+            raise _fail(path, f"{k} has {int(bad.sum())} non-finite value(s), first at {list(first)}")
+    return tensors  # type: ignore[return-value]
+
+
+def verify_frame(
+    path: str | os.PathLike[str],
+    W: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    *,
+    seed: int = 0,
+) -> VerifyResult:
+    """Check a frame file; raise VerificationError with a one-line reason on the first failure.
+
+    Always: exactly the seed's keys, float32, shapes (d,), (d,), (d, d), all finite, eigenvalues
+    descending and non-negative, eigenvectors orthonormal. With W: the eigenpairs satisfy
+    Wc^T Wc v / N = lambda v (leading pairs, Rayleigh quotients, random probes, trace). With ids:
+    the centroid equals the mean of W[ids].
+    """
+    f = SafetensorsFile(path)
+    centroid, evals, evecs = check_frame_tensors(path, f)
+    d = evals.shape[0]
+    res = VerifyResult(d=d)
+    res.checks.append(f"keys, dtypes and shapes: {', '.join(FRAME_KEYS)} float32, d = {d}")
+
+    lam = evals.to(torch.float64)
+    scale = float(lam.abs().max())
+    if scale == 0.0:
+        raise _fail(path, "all eigenvalues are zero")
+    rises = lam[1:] - lam[:-1]
+    worst = int(torch.argmax(rises)) if d > 1 else 0
+    if d > 1 and float(rises[worst]) > TOL_DESCENDING * scale:
+        raise _fail(
+            path,
+            f"eigenvalues not in descending order: W_eigenvalues[{worst + 1}] = {float(lam[worst + 1]):.6g} "
+            f"> W_eigenvalues[{worst}] = {float(lam[worst]):.6g}",
+        )
+    if float(lam.min()) < -TOL_RAYLEIGH * scale:
+        raise _fail(path, f"negative eigenvalue {float(lam.min()):.6g} (a covariance is positive semidefinite)")
+    res.checks.append("eigenvalues finite, descending, non-negative")
+
+    V = evecs.to(torch.float64)
+    ortho = float((V.T @ V - torch.eye(d, dtype=torch.float64)).abs().max())
+    res.stats["orthonormality"] = ortho
+    if ortho > TOL_ORTHO:
+        raise _fail(path, f"eigenvectors are not orthonormal: max |V^T V - I| = {ortho:.3g} > {TOL_ORTHO:g}")
+    res.checks.append(f"eigenvectors orthonormal (max |V^T V - I| = {ortho:.2e})")
+
+    if W is not None:
+        check_w(W)
+        if W.shape[1] != d:
+            raise _fail(path, f"W has d = {W.shape[1]} columns, the frame has d = {d}")
+        n_meta = f.metadata.get("n_tokens", "")
+        if n_meta.isdigit() and int(n_meta) != W.shape[0]:
+            raise _fail(path, f"W has N = {W.shape[0]} rows, the frame was built from N = {n_meta}")
+        _check_maths(path, W, lam, V, scale, res, seed)
+
+    if ids is not None:
+        if W is None:
+            raise VerificationError(f"{path}: checking the centroid needs W as well as the cluster ids")
+        ids64 = check_ids(ids, W.shape[0])
+        c64 = W[ids64].to(torch.float64).mean(dim=0).cpu()
+        err = float((centroid.to(torch.float64) - c64).norm() / max(float(c64.norm()), 1e-300))
+        res.stats["centroid"] = err
+        if err > TOL_CENTROID:
+            raise _fail(
+                path,
+                f"{KEY_CENTROID} differs from the mean of W[ids] over {ids64.numel()} ids "
+                f"(relative error {err:.3g} > {TOL_CENTROID:g})",
+            )
+        res.checks.append(f"centroid = mean of W[ids] over {ids64.numel()} ids (relative error {err:.2e})")
+    return res
+
+
+def _check_maths(
+    path: object, W: torch.Tensor, lam: torch.Tensor, V: torch.Tensor, scale: float, res: VerifyResult, seed: int
+) -> None:
+    d = lam.shape[0]
+    k = min(LEADING, d)
+    gen = torch.Generator().manual_seed(seed)
+    R = torch.randn(d, PROBES, generator=gen, dtype=torch.float64)
+    R /= R.norm(dim=0, keepdim=True)
+    P = torch.cat([V[:, :k], R], dim=1)
+
+    CP, trace = covariance_apply(W, P, column_mean64(W))
+    CP = CP.cpu()
+
+    CV = CP[:, :k]
+    residual = (CV - V[:, :k] * lam[:k]).norm(dim=0) / scale
+    worst = int(torch.argmax(residual))
+    res.stats["residual"] = float(residual[worst])
+    if float(residual[worst]) > TOL_RESIDUAL:
+        raise _fail(
+            path,
+            f"eigenpair {worst} does not satisfy C v = lambda v: ||C v - lambda v|| / lambda_1 = "
+            f"{float(residual[worst]):.3g} > {TOL_RESIDUAL:g}",
+        )
+    rq = (V[:, :k] * CV).sum(dim=0)
+    rq_err = (rq - lam[:k]).abs() / scale
+    worst = int(torch.argmax(rq_err))
+    res.stats["rayleigh"] = float(rq_err[worst])
+    if float(rq_err[worst]) > TOL_RAYLEIGH:
+        raise _fail(
+            path,
+            f"W_eigenvalues[{worst}] = {float(lam[worst]):.6g} but v^T C v = {float(rq[worst]):.6g} "
+            f"(error {float(rq_err[worst]):.3g} lambda_1)",
+        )
+    res.checks.append(f"leading {k} eigenpairs satisfy C v = lambda v (max residual {res.stats['residual']:.2e} lambda_1)")
+
+    recon = V @ (lam.unsqueeze(1) * (V.T @ R))
+    probe = float((CP[:, k:] - recon).norm(dim=0).max()) / scale
+    res.stats["probe"] = probe
+    if probe > TOL_PROBE:
+        raise _fail(path, f"V diag(lambda) V^T differs from the covariance of W along random directions ({probe:.3g} lambda_1)")
+    trace_err = abs(float(lam.sum()) - trace) / max(trace, 1e-300)
+    res.stats["trace"] = trace_err
+    if trace_err > TOL_TRACE:
+        raise _fail(path, f"sum of eigenvalues {float(lam.sum()):.6g} differs from the total variance of W {trace:.6g}")
+    res.checks.append(f"random probes and trace agree (probe {probe:.2e} lambda_1, trace {trace_err:.2e})")
