@@ -6,8 +6,9 @@
 // Two passes over W. Pass 1 sums each column in fp64 (the exact mean, whatever the offset). Pass 2
 // takes blocks of KC rows; each block is converted, centred and packed once into 16-wide (A) and
 // 6-wide (B) column panels (fp32, L2/L3 resident), then 16x6 register tiles of the upper triangle
-// accumulate the block's KC products in fp32 and add them into an fp64 tile accumulator. So no fp32
-// or centred copy of W exists, only one triangle is computed, and the fp32 sums are only KC long.
+// accumulate RUN products at a time in fp32 and add them into an fp64 tile accumulator. So no fp32
+// or centred copy of W exists, only one triangle is computed, and no fp32 sum is longer than RUN
+// terms (relative error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
 //
 // Threads split the triangle's tiles (not the rows): each fp64 tile always receives its block sums
 // in the same order, so the result is bitwise identical for any thread count.
@@ -25,7 +26,8 @@
 namespace refframe::cpu {
 namespace {
 
-constexpr int64_t KC = 512;             // rows per block: fp32 sums are at most this long
+constexpr int64_t KC = 512;             // rows per block: one packing, one pass over the triangle
+constexpr int64_t RUN = 64;             // rows per fp32 register sum before it is added into fp64
 constexpr int64_t MC_PANELS = 8;        // A panels per work item: 128 x KC fp32 = 256 KiB (L2)
 constexpr int64_t JB_CHUNK = 24;        // B panels per work item
 constexpr int64_t TILE = MR * NR;       // doubles per fp64 tile
@@ -154,8 +156,12 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
           for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
             const float* b = bpack + jb * kc * NR;
             const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
-            for (int64_t ia = it.ia0; ia < ia_end; ++ia)
-              ks.micro(kc, apack + ia * kc * MR, b, acc + (tri.first_tile[jb] + ia) * TILE);
+            for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
+              const float* a = apack + ia * kc * MR;
+              double* c = acc + (tri.first_tile[jb] + ia) * TILE;
+              for (int64_t k0 = 0; k0 < kc; k0 += RUN)
+                ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * NR, c);
+            }
           }
         }
       }

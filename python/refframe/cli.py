@@ -82,13 +82,23 @@ def run_build(
     say(f"✓ PCA computed (backend {frame.backend}, device {frame.device})")
     report_frame(frame)
     t0 = time.perf_counter()
-    save_frame(frame, out, model_name=model_name, source_dtype=str(W.dtype).removeprefix("torch."), w_hash=w_hash)
+    save_frame(
+        frame,
+        out,
+        model_name=model_name,
+        source_dtype=str(W.dtype).removeprefix("torch."),
+        w_hash=w_hash,
+    )
     t_save = time.perf_counter() - t0
     say("")
     say(f"✓ Saved to {out}")
     say(f"  Size: {_mb(out.stat().st_size)}")
     stages = {"load": t_load, "hash": t_hash, **frame.timings, "save": t_save}
-    say("Stage times: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {sum(stages.values()):.2f} s")
+    say(
+        "Stage times: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+        + f"; total {sum(stages.values()):.2f} s"
+    )
     frame.timings = stages
     return frame
 
@@ -145,8 +155,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if w_path.exists() and ids_path.exists():
         say(f"Reusing synthetic W and cluster in {model_dir}")
     else:
-        say(f"Generating a synthetic W ({spec.n_tokens:,} x {spec.dim:,}, bf16) with a planted cluster of "
-            f"{spec.cluster_size:,} tokens in {model_dir} ...")
+        say(
+            f"Generating a synthetic W ({spec.n_tokens:,} x {spec.dim:,}, bf16) with a planted cluster of "
+            f"{spec.cluster_size:,} tokens in {model_dir} ..."
+        )
         t0 = time.perf_counter()
         W, ids = make_synthetic(spec)
         save_tensors(w_path, {"W": W}, {"generator": "refframe.synthetic", "spec": repr(spec)})

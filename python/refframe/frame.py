@@ -71,7 +71,7 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_device(device: str | torch.device, backend: str) -> torch.device:
-    """"auto" follows the seed: CUDA if available, else MPS, else CPU (CPU when native is forced and
+    """ "auto" follows the seed: CUDA if available, else MPS, else CPU (CPU when native is forced and
     the build has no native kernels for the accelerator)."""
     if str(device) != "auto":
         try:

@@ -71,9 +71,7 @@ class SafetensorsFile:
                     f"{size - 8} bytes that follow)"
                 )
             raw = fh.read(hlen)
-            self._mmap = (
-                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + hlen else None
-            )
+            self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + hlen else None
         self.data_offset = 8 + hlen
         self.data_size = size - self.data_offset
         try:
@@ -199,7 +197,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], chunks: Iterable[bytes | me
         os.replace(tmp, p)
     except OSError as exc:
         _unlink_quietly(tmp)
-        raise OutputError(f"{p}: could not write output ({exc.strerror or exc}); nothing was changed") from None
+        raise OutputError(
+            f"{p}: could not write output ({exc.strerror or exc}); nothing was changed"
+        ) from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -227,7 +227,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_tensors(
-    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike[str],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Atomically write `tensors` (CPU, contiguous) and string metadata as a safetensors file."""
     data = _serialize({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)

@@ -27,7 +27,10 @@ def _load_native() -> tuple[object | None, str]:
         return None, f"the native library could not be loaded ({exc})"
     built = getattr(_C, "TORCH_VERSION", "?")
     if built != torch.__version__:
-        return None, f"the native library was built against torch {built}, running torch {torch.__version__}"
+        return (
+            None,
+            f"the native library was built against torch {built}, running torch {torch.__version__}",
+        )
     return _C, ""
 
 

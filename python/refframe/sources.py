@@ -67,7 +67,9 @@ def _pick_key(f: SafetensorsFile, key: str | None, default: str, what: str, fits
         return candidates[0]
     have = ", ".join(sorted(f.keys())) or "none"
     if not candidates:
-        raise KeyNotFoundError(f"{f.path}: key {default!r} not found and no other {what} (keys present: {have})")
+        raise KeyNotFoundError(
+            f"{f.path}: key {default!r} not found and no other {what} (keys present: {have})"
+        )
     raise KeyNotFoundError(
         f"{f.path}: key {default!r} not found and several candidates for {what}: "
         f"{', '.join(sorted(candidates))}; choose one with the key option"
@@ -77,7 +79,13 @@ def _pick_key(f: SafetensorsFile, key: str | None, default: str, what: str, fits
 def load_w(path: str | os.PathLike[str], key: str | None = None) -> tuple[torch.Tensor, str]:
     """W as a memory-mapped tensor, and the key it was read from."""
     f = SafetensorsFile(path)
-    k = _pick_key(f, key, W_KEY, "2-D floating-point tensor", lambda dt, sh: dt.is_floating_point and len(sh) == 2)
+    k = _pick_key(
+        f,
+        key,
+        W_KEY,
+        "2-D floating-point tensor",
+        lambda dt, sh: dt.is_floating_point and len(sh) == 2,
+    )
     return f.tensor(k), k
 
 

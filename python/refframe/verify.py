@@ -127,7 +127,10 @@ def verify_frame(
             f"> W_eigenvalues[{worst}] = {float(lam[worst]):.6g}",
         )
     if float(lam.min()) < -TOL_RAYLEIGH * scale:
-        raise _fail(path, f"negative eigenvalue {float(lam.min()):.6g} (a covariance is positive semidefinite)")
+        raise _fail(
+            path,
+            f"negative eigenvalue {float(lam.min()):.6g} (a covariance is positive semidefinite)",
+        )
     res.checks.append("eigenvalues finite, descending, non-negative")
 
     V = evecs.to(torch.float64)
@@ -164,7 +167,13 @@ def verify_frame(
 
 
 def _check_maths(
-    path: object, W: torch.Tensor, lam: torch.Tensor, V: torch.Tensor, scale: float, res: VerifyResult, seed: int
+    path: object,
+    W: torch.Tensor,
+    lam: torch.Tensor,
+    V: torch.Tensor,
+    scale: float,
+    res: VerifyResult,
+    seed: int,
 ) -> None:
     d = lam.shape[0]
     k = min(LEADING, d)
@@ -196,15 +205,23 @@ def _check_maths(
             f"W_eigenvalues[{worst}] = {float(lam[worst]):.6g} but v^T C v = {float(rq[worst]):.6g} "
             f"(error {float(rq_err[worst]):.3g} lambda_1)",
         )
-    res.checks.append(f"leading {k} eigenpairs satisfy C v = lambda v (max residual {res.stats['residual']:.2e} lambda_1)")
+    res.checks.append(
+        f"leading {k} eigenpairs satisfy C v = lambda v (max residual {res.stats['residual']:.2e} lambda_1)"
+    )
 
     recon = V @ (lam.unsqueeze(1) * (V.T @ R))
     probe = float((CP[:, k:] - recon).norm(dim=0).max()) / scale
     res.stats["probe"] = probe
     if probe > TOL_PROBE:
-        raise _fail(path, f"V diag(lambda) V^T differs from the covariance of W along random directions ({probe:.3g} lambda_1)")
+        raise _fail(
+            path,
+            f"V diag(lambda) V^T differs from the covariance of W along random directions ({probe:.3g} lambda_1)",
+        )
     trace_err = abs(float(lam.sum()) - trace) / max(trace, 1e-300)
     res.stats["trace"] = trace_err
     if trace_err > TOL_TRACE:
-        raise _fail(path, f"sum of eigenvalues {float(lam.sum()):.6g} differs from the total variance of W {trace:.6g}")
+        raise _fail(
+            path,
+            f"sum of eigenvalues {float(lam.sum()):.6g} differs from the total variance of W {trace:.6g}",
+        )
     res.checks.append(f"random probes and trace agree (probe {probe:.2e} lambda_1, trace {trace_err:.2e})")

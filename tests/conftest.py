@@ -1,0 +1,43 @@
+"""Shared test fixtures: float64 references and matrices with awkward statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import refframe
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+needs_native = pytest.mark.skipif(not refframe.native_available(), reason="native library not built")
+
+
+def make_w(n: int, d: int, dtype: torch.dtype, *, seed: int = 0, offset_sigmas: float = 0.0) -> torch.Tensor:
+    """A correlated random W; with offset_sigmas, three columns have a mean that many sigmas from 0."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, min(d, 8))
+    W = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.02
+    W += (
+        (torch.randn(n, k, generator=g, dtype=torch.float64) * 0.03)
+        @ torch.randn(k, d, generator=g, dtype=torch.float64)
+        / k**0.5
+    )
+    W += torch.randn(d, generator=g, dtype=torch.float64) * 0.01
+    if offset_sigmas:
+        W[:, : min(3, d)] += offset_sigmas * 0.02
+    return W.to(dtype)
+
+
+def cov64(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (fp64) mean and population covariance of the values W holds."""
+    X = W.to(torch.float64)
+    mu = X.mean(dim=0)
+    Xc = X - mu
+    return mu, Xc.T @ Xc / X.shape[0]
+
+
+def rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.to(torch.float64)
+    den = float(ref.norm())
+    num = float((a.to(torch.float64) - ref).norm())
+    return num / den if den > 0 else num

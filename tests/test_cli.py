@@ -1,0 +1,133 @@
+"""The CLI end to end on small seed-layout folders, and verify against tampered files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import refframe
+from conftest import make_w
+from refframe.cli import main
+
+FRAME = "1.6a_cluster_reference_frame.safetensors"
+
+
+def seed_dir(tmp_path: Path, dtype: torch.dtype, n: int = 3000, d: int = 96) -> Path:
+    model = tmp_path / "Model-X"
+    model.mkdir()
+    W = make_w(n, d, dtype, offset_sigmas=25.0)
+    save_file({"W": W.contiguous()}, model / "W.safetensors")
+    save_file({"cluster_token_ids": torch.arange(10, n, 13)}, model / "1.4h_cluster_tokens.safetensors")
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_build_then_verify_round_trip(tmp_path, capsys, dtype):
+    model = seed_dir(tmp_path, dtype)
+    assert main(["build", "--model-dir", str(model)]) == 0
+    out = capsys.readouterr().out
+    for text in ("PC1:", "PC10:", "First 10 PCs", "First 100 PCs", "Norm:", "Size:", "Stage times"):
+        assert text in out
+    frame_path = model / FRAME
+    data = load_file(frame_path)
+    assert sorted(data) == ["W_eigenvalues", "W_eigenvectors", "cluster_centroid"]
+    assert all(t.dtype == torch.float32 for t in data.values())
+    assert data["W_eigenvectors"].shape == (96, 96)
+    meta = refframe.load_frame(frame_path).metadata
+    assert meta["model_name"] == "Model-X" and meta["n_tokens"] == "3000" and meta["d"] == "96"
+    assert meta["source_dtype"] == str(dtype).removeprefix("torch.")
+    assert meta["w_hash"].startswith("xxh3_128:")
+    assert main(["verify", str(frame_path), "--model-dir", str(model)]) == 0
+    assert "Verification passed" in capsys.readouterr().out
+
+
+def test_build_with_explicit_files_and_keys(tmp_path, capsys):
+    W = make_w(500, 20, torch.float16)
+    save_file({"lm_head": W}, tmp_path / "w.safetensors")
+    save_file({"ids": torch.tensor([1, 2, 3], dtype=torch.int32)}, tmp_path / "c.safetensors")
+    out = tmp_path / "frame.safetensors"
+    args = ["--W", str(tmp_path / "w.safetensors"), "--cluster", str(tmp_path / "c.safetensors")]
+    assert main(["build", *args, "--out", str(out), "--W-key", "lm_head", "--cluster-key", "ids"]) == 0
+    assert main(["verify", str(out), *args, "--W-key", "lm_head", "--cluster-key", "ids"]) == 0
+    frame = refframe.load_frame(out)
+    assert torch.allclose(frame.centroid, W[[1, 2, 3]].float().mean(0), atol=1e-6)
+
+
+def tamper(src: Path, dst: Path, fn) -> Path:
+    data = load_file(src)
+    fn(data)
+    save_file(data, dst)
+    return dst
+
+
+def swap(t: dict[str, torch.Tensor], *, values: bool, vectors: bool) -> None:
+    if values:
+        t["W_eigenvalues"][[0, 1]] = t["W_eigenvalues"][[1, 0]].clone()
+    if vectors:
+        t["W_eigenvectors"][:, [0, 1]] = t["W_eigenvectors"][:, [1, 0]].clone()
+
+
+TAMPERS = {
+    "scaled eigenvalue": (
+        lambda t: t["W_eigenvalues"].__setitem__(0, t["W_eigenvalues"][0] * 1.001),
+        "eigen",
+    ),
+    "scaled 4th eigenvalue": (
+        lambda t: t["W_eigenvalues"].__setitem__(3, t["W_eigenvalues"][3] * 1.0005),
+        "eigen",
+    ),
+    "perturbed eigenvector": (lambda t: t["W_eigenvectors"][:, 2].add_(1e-3), "orthonormal"),
+    "wrong centroid": (lambda t: t["cluster_centroid"].mul_(1.001), "differs from the mean"),
+    "missing key": (lambda t: t.pop("W_eigenvalues"), "missing key 'W_eigenvalues'"),
+    "extra key": (lambda t: t.__setitem__("extra", torch.zeros(1)), "unexpected key 'extra'"),
+    "wrong dtype": (
+        lambda t: t.__setitem__("W_eigenvalues", t["W_eigenvalues"].double()),
+        "expected float32",
+    ),
+    "swapped eigenpairs": (lambda t: swap(t, values=True, vectors=True), "descending"),
+    "swapped eigenvectors": (
+        lambda t: swap(t, values=False, vectors=True),
+        "does not satisfy C v = lambda v",
+    ),
+    "non-finite": (lambda t: t["W_eigenvectors"].__setitem__((0, 0), float("nan")), "non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERS))
+def test_verify_rejects_tampered(tmp_path, capsys, case):
+    model = seed_dir(tmp_path, torch.bfloat16, n=2000, d=48)
+    assert main(["build", "--model-dir", str(model)]) == 0
+    good = model / FRAME
+    fn, message = TAMPERS[case]
+    bad = tamper(good, tmp_path / "bad.safetensors", fn)
+    capsys.readouterr()
+    assert main(["verify", str(bad), "--model-dir", str(model)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refframe: error:") and "\n" not in err
+    assert message in err
+
+
+def test_verify_without_source_checks_format_only(tmp_path, capsys):
+    model = seed_dir(tmp_path, torch.bfloat16, n=1000, d=32)
+    assert main(["build", "--model-dir", str(model)]) == 0
+    shutil.copy(model / FRAME, tmp_path / "copy.safetensors")
+    assert main(["verify", str(tmp_path / "copy.safetensors")]) == 0
+
+
+def test_console_script_demo_small(tmp_path):
+    exe = shutil.which("refframe") or f"{sys.executable} -m refframe"
+    proc = subprocess.run(
+        [*exe.split(), "demo", "--small", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Verification passed" in proc.stdout
+    assert "PC1:" in proc.stdout

@@ -1,0 +1,131 @@
+"""Native center_syrk against float64: awkward shapes, all dtypes, strided input, large offsets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import DTYPES, cov64, make_w, needs_native, rel_fro
+from refframe import covariance
+
+pytestmark = needs_native
+
+# N around the block (512) and run (64) lengths; d around the 16 x 6 tile.
+SHAPES = [
+    (1, 1),
+    (1, 7),
+    (2, 1),
+    (3, 100),
+    (63, 17),
+    (65, 6),
+    (511, 16),
+    (513, 33),
+    (1100, 97),
+    (2000, 250),
+]
+
+
+def native_cov(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.refframe.center_syrk(W)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_center_syrk_matches_float64(dtype, shape, offset):
+    W = make_w(*shape, dtype, offset_sigmas=offset)
+    mean, cov = native_cov(W)
+    mu64, c64 = cov64(W)
+    assert mean.dtype == torch.float64 and cov.dtype == torch.float32
+    assert cov.shape == (shape[1], shape[1])
+    assert torch.equal(cov, cov.T)
+    assert float((mean - mu64).abs().max()) <= 1e-12 * max(1.0, float(mu64.abs().max()))
+    if shape[0] == 1:
+        assert float(cov.abs().max()) == 0.0
+    else:
+        # Products of centred fp32 values are exact and sums are at most 64 terms long before fp64,
+        # so what remains is the rounding of the centred values and of the fp32 output (~u each):
+        # <= 1e-7 once a matrix is large enough for those to average, a few u on tiny ones.
+        tol = 1e-7 if shape[0] >= 1000 and shape[1] >= 16 else 3e-7
+        assert rel_fro(cov, c64) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_center_syrk_large_offset_beats_fp32_reference(dtype):
+    W = make_w(4000, 64, dtype, offset_sigmas=60.0)
+    _, c64 = cov64(W)
+    _, native = covariance(W, backend="native")
+    _, torch32 = covariance(W, backend="torch")
+    assert rel_fro(native, c64) < 1e-7
+    assert rel_fro(native, c64) <= rel_fro(torch32, c64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_center_syrk_strided(dtype):
+    base = make_w(1500, 120, dtype, offset_sigmas=20.0)
+    views = {
+        "row-strided": base[:, 10:90],
+        "every-other-row": base[::2],
+        "column-strided": base[:, ::2],
+        "transposed": base.T.contiguous().T,
+    }
+    for name, W in views.items():
+        _, cov = native_cov(W)
+        _, c64 = cov64(W)
+        assert rel_fro(cov, c64) < 1e-7, name
+
+
+def test_center_syrk_deterministic_across_runs_and_threads():
+    W = make_w(3000, 150, torch.bfloat16, offset_sigmas=10.0)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(native_cov(W)[1])
+        results.append(native_cov(W)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_portable_kernel_is_bitwise_identical(monkeypatch):
+    W = make_w(700, 45, torch.float16, offset_sigmas=5.0)
+    fast = native_cov(W)
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
+    slow = native_cov(W)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_center_syrk_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="2-D"):
+        native_cov(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="bfloat16, float16 or float32"):
+        native_cov(torch.zeros(3, 3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="at least one row"):
+        native_cov(torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_center_syrk(dtype):
+    W = make_w(70, 20, dtype)
+    torch.library.opcheck(torch.ops.refframe.center_syrk.default, (W,))
+
+
+@pytest.mark.skipif(not os.environ.get("REFFRAME_FULL"), reason="full Qwen3-4B shape: set REFFRAME_FULL=1")
+def test_center_syrk_full_shape():
+    from refframe.synthetic import make_synthetic
+
+    W, _ = make_synthetic()
+    _, cov = native_cov(W)
+    acc = torch.zeros(W.shape[1], W.shape[1], dtype=torch.float64)
+    s = torch.zeros(W.shape[1], dtype=torch.float64)
+    for i in range(0, W.shape[0], 8192):
+        s += W[i : i + 8192].to(torch.float64).sum(0)
+    mu = s / W.shape[0]
+    for i in range(0, W.shape[0], 8192):
+        X = W[i : i + 8192].to(torch.float64) - mu
+        acc += X.T @ X
+    assert rel_fro(cov, acc / W.shape[0]) < 1e-7

@@ -1,0 +1,75 @@
+"""Native gather_mean / segment_mean against torch and float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DTYPES, make_w, needs_native, rel_fro
+from refframe import gather_mean, segment_mean
+
+pytestmark = needs_native
+
+SHAPES = [(1, 1), (7, 3), (1000, 257), (300, 2560), (64, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64, torch.int16, torch.uint8])
+def test_gather_mean_matches_float64(dtype, shape, id_dtype):
+    n, d = shape
+    W = make_w(n, d, dtype, offset_sigmas=30.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, min(n, 255), (min(3 * n, 500),), generator=g).to(id_dtype)
+    got = gather_mean(W, ids, backend="native")
+    want = W.to(torch.float64)[ids.long()].mean(dim=0)
+    assert got.dtype == torch.float32 and got.shape == (d,)
+    assert rel_fro(got, want) < 1e-7  # fp64 accumulation: only the final fp32 rounding remains
+    assert rel_fro(got, gather_mean(W, ids, backend="torch")) < 2e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_mean_non_contiguous(dtype):
+    base = make_w(200, 96, dtype)
+    for W in (base[:, ::3], base.T.contiguous().T, base[10:150:2]):
+        ids = torch.tensor([0, 5, 17, 5, W.shape[0] - 1])
+        want = W.to(torch.float64)[ids].mean(dim=0)
+        assert rel_fro(gather_mean(W, ids, backend="native"), want) < 1e-7
+
+
+def test_gather_mean_bounds_checked():
+    W = make_w(10, 4, torch.float32)
+    with pytest.raises(RuntimeError, match=r"2 id\(s\) outside \[0, 10\); first: ids\[1\] = 10"):
+        gather_mean(W, torch.tensor([0, 10, -1]), backend="native")
+    with pytest.raises(RuntimeError, match="integer dtype"):
+        gather_mean(W, torch.tensor([0.0]), backend="native")
+    with pytest.raises(RuntimeError, match="empty"):
+        gather_mean(W, torch.tensor([], dtype=torch.long), backend="native")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_segment_mean_matches_reference(dtype):
+    W = make_w(500, 70, dtype)
+    ids = torch.randint(0, 500, (300,), generator=torch.Generator().manual_seed(2))
+    offsets = torch.tensor([0, 1, 100, 101, 300])
+    got = segment_mean(W, ids, offsets, backend="native")
+    X = W.to(torch.float64)
+    want = torch.stack([X[ids[a:b]].mean(0) for a, b in zip(offsets[:-1], offsets[1:])])
+    assert got.shape == (4, 70)
+    assert rel_fro(got, want) < 1e-7
+    assert rel_fro(got, segment_mean(W, ids, offsets, backend="torch")) < 2e-6
+
+
+def test_segment_mean_rejects_bad_offsets():
+    W = make_w(10, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="start at 0 and end at len"):
+        segment_mean(W, torch.tensor([1, 2]), torch.tensor([0, 1]), backend="native")
+    with pytest.raises(RuntimeError, match="segment 0 is empty"):
+        segment_mean(W, torch.tensor([1, 2]), torch.tensor([0, 0, 2]), backend="native")
+
+
+def test_opcheck_gather_and_segment_mean():
+    W = make_w(40, 24, torch.bfloat16)
+    ids = torch.tensor([3, 1, 39])
+    torch.library.opcheck(torch.ops.refframe.gather_mean.default, (W, ids))
+    torch.library.opcheck(torch.ops.refframe.segment_mean.default, (W, ids, torch.tensor([0, 2, 3])))
