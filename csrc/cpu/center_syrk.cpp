@@ -18,7 +18,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "syrk_kernel.h"
@@ -87,17 +86,17 @@ template <typename T>
 struct Typed;
 template <>
 struct Typed<c10::BFloat16> {
-  static auto center(const KernelSet& k) { return k.center_bf16; }
+  static auto pack(const KernelSet& k) { return k.pack_bf16; }
   static auto accumulate(const KernelSet& k) { return k.accumulate_bf16; }
 };
 template <>
 struct Typed<c10::Half> {
-  static auto center(const KernelSet& k) { return k.center_f16; }
+  static auto pack(const KernelSet& k) { return k.pack_f16; }
   static auto accumulate(const KernelSet& k) { return k.accumulate_f16; }
 };
 template <>
 struct Typed<float> {
-  static auto center(const KernelSet& k) { return k.center_f32; }
+  static auto pack(const KernelSet& k) { return k.pack_f32; }
   static auto accumulate(const KernelSet& k) { return k.accumulate_f32; }
 };
 
@@ -116,12 +115,11 @@ void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const Ker
 template <typename T>
 void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, double* mean64, float* cov) {
   const KernelSet& ks = active_kernels();
-  const auto center = Typed<T>::center(ks);
+  const auto pack = Typed<T>::pack(ks);
   column_mean(w, n, d, row_stride, ks, mean64);
 
   const Triangle tri(d);
-  const int64_t width = std::max(tri.pa * MR, tri.pb * NR);
-  std::vector<float> mean32(width, 0.0f);
+  std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 8, 0.0f);
   for (int64_t j = 0; j < d; ++j) mean32[j] = static_cast<float>(mean64[j]);
 
   const auto items = make_items(tri);
@@ -139,14 +137,16 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
 
   for (int64_t r0 = 0; r0 < n; r0 += KC) {
     const int64_t kc = std::min(KC, n - r0);
-    at::parallel_for(0, kc, 16, [&](int64_t k0, int64_t k1) {
-      std::vector<float> row(width, 0.0f);
-      for (int64_t k = k0; k < k1; ++k) {
-        center(w + (r0 + k) * row_stride, mean32.data(), d, row.data());
-        for (int64_t ia = 0; ia < tri.pa; ++ia)
-          std::memcpy(apack + (ia * kc + k) * MR, row.data() + ia * MR, MR * sizeof(float));
-        for (int64_t jb = 0; jb < tri.pb; ++jb)
-          std::memcpy(bpack + (jb * kc + k) * NR, row.data() + jb * NR, NR * sizeof(float));
+    // Panel by panel: each panel's rows are read from the (cache-resident) block of W and written
+    // sequentially. Indices [0, pa) are A panels, [pa, pa + pb) B panels.
+    const T* block = w + r0 * row_stride;
+    at::parallel_for(0, tri.pa + tri.pb, 8, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const bool is_a = p < tri.pa;
+        const int64_t panel = is_a ? MR : NR;
+        const int64_t col = is_a ? p * MR : (p - tri.pa) * NR;
+        float* dst = is_a ? apack + p * kc * MR : bpack + (p - tri.pa) * kc * NR;
+        pack(block + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
       }
     });
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {

@@ -7,33 +7,57 @@
 namespace refframe::cpu {
 namespace {
 
-// bf16 -> fp32 is a 16-bit left shift of the bit pattern: exact.
-void center_bf16_avx2(const c10::BFloat16* src, const float* mean, int64_t d, float* dst) {
-  const auto* s = reinterpret_cast<const uint16_t*>(src);
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
-    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-    _mm256_storeu_ps(dst + j, _mm256_sub_ps(x, _mm256_loadu_ps(mean + j)));
-  }
-  for (; j < d; ++j) dst[j] = static_cast<float>(src[j]) - mean[j];
+// Exact conversions to fp32 of 8 consecutive values, or of the first 6 (masked: never reads past
+// them, so the last row of a matrix is safe). bf16 -> fp32 is a 16-bit left shift of the bits.
+inline __m256 bf16_to_f32(__m128i raw) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m128i load6_u16(const void* p) {
+  return _mm_maskload_epi32(static_cast<const int*>(p), _mm_setr_epi32(-1, -1, -1, 0));
 }
 
-void center_f16_avx2(const c10::Half* src, const float* mean, int64_t d, float* dst) {
-  const auto* s = reinterpret_cast<const uint16_t*>(src);
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
-    _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_cvtph_ps(raw), _mm256_loadu_ps(mean + j)));
+struct LoadBF16 {
+  using T = c10::BFloat16;
+  static __m256 load8(const T* p) { return bf16_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static __m256 load6(const T* p) { return bf16_to_f32(load6_u16(p)); }
+};
+struct LoadF16 {
+  using T = c10::Half;
+  static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static __m256 load6(const T* p) { return _mm256_cvtph_ps(load6_u16(p)); }
+};
+struct LoadF32 {
+  using T = float;
+  static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static __m256 load6(const T* p) {
+    return _mm256_maskload_ps(p, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0));
   }
-  for (; j < d; ++j) dst[j] = static_cast<float>(src[j]) - mean[j];
-}
+};
 
-void center_f32_avx2(const float* src, const float* mean, int64_t d, float* dst) {
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_loadu_ps(src + j), _mm256_loadu_ps(mean + j)));
-  for (; j < d; ++j) dst[j] = src[j] - mean[j];
+// Full panels take the vector paths; a partial last panel falls back to scalar code. The 6-wide
+// path stores 8 floats per row, the 2 extra being overwritten by the next row; the last row is
+// stored masked, so nothing outside the panel is touched.
+template <typename L>
+void pack_avx2(const typename L::T* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
+               int64_t panel, float* dst) {
+  if (width == 16 && panel == 16) {
+    const __m256 m0 = _mm256_loadu_ps(mean), m1 = _mm256_loadu_ps(mean + 8);
+    for (int64_t k = 0; k < kc; ++k, src += stride, dst += 16) {
+      _mm256_store_ps(dst, _mm256_sub_ps(L::load8(src), m0));
+      _mm256_store_ps(dst + 8, _mm256_sub_ps(L::load8(src + 8), m1));
+    }
+  } else if (width == 6 && panel == 6) {
+    const __m256i six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+    const __m256 m = _mm256_maskload_ps(mean, six);
+    for (int64_t k = 0; k + 1 < kc; ++k, src += stride, dst += 6)
+      _mm256_storeu_ps(dst, _mm256_sub_ps(L::load6(src), m));
+    _mm256_maskstore_ps(dst, six, _mm256_sub_ps(L::load6(src), m));
+  } else {
+    for (int64_t k = 0; k < kc; ++k, src += stride, dst += panel) {
+      for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<float>(src[c]) - mean[c];
+      for (int64_t c = width; c < panel; ++c) dst[c] = 0.0f;
+    }
+  }
 }
 
 inline void add8_f64(double* acc, __m256 x) {
@@ -46,8 +70,7 @@ void accumulate_bf16_avx2(const c10::BFloat16* src, int64_t d, double* acc) {
   const auto* s = reinterpret_cast<const uint16_t*>(src);
   int64_t j = 0;
   for (; j + 8 <= d; j += 8) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j));
-    add8_f64(acc + j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+    add8_f64(acc + j, bf16_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j))));
   }
   for (; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
 }
@@ -130,9 +153,14 @@ void micro_avx2(int64_t kc, const float* a, const float* b, double* c) {
 }  // namespace
 
 const KernelSet& avx2_kernels() {
-  static const KernelSet set{"avx2",           center_bf16_avx2,     center_f16_avx2,
-                             center_f32_avx2,  accumulate_bf16_avx2, accumulate_f16_avx2,
-                             accumulate_f32_avx2, micro_avx2};
+  static const KernelSet set{"avx2",
+                             pack_avx2<LoadBF16>,
+                             pack_avx2<LoadF16>,
+                             pack_avx2<LoadF32>,
+                             accumulate_bf16_avx2,
+                             accumulate_f16_avx2,
+                             accumulate_f32_avx2,
+                             micro_avx2};
   return set;
 }
 

@@ -18,10 +18,16 @@ constexpr int64_t NR = 6;
 
 struct KernelSet {
   const char* name;
-  // dst[j] = float(src[j]) - mean[j] for j < d (the caller zero-pads dst beyond d).
-  void (*center_bf16)(const c10::BFloat16* src, const float* mean, int64_t d, float* dst);
-  void (*center_f16)(const c10::Half* src, const float* mean, int64_t d, float* dst);
-  void (*center_f32)(const float* src, const float* mean, int64_t d, float* dst);
+  // Packs one column panel of a block of rows, converted and centred:
+  //   dst[k * panel + c] = float(src[k * stride + c]) - mean[c]  for k < kc, c < width,
+  //   dst[k * panel + c] = 0                                      for width <= c < panel.
+  // panel is MR or NR; width <= panel.
+  void (*pack_bf16)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* mean,
+                    int64_t width, int64_t panel, float* dst);
+  void (*pack_f16)(const c10::Half* src, int64_t stride, int64_t kc, const float* mean,
+                   int64_t width, int64_t panel, float* dst);
+  void (*pack_f32)(const float* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
+                   int64_t panel, float* dst);
   // acc[j] += double(src[j]) for j < d (exact conversion, one fp64 addition per element).
   void (*accumulate_bf16)(const c10::BFloat16* src, int64_t d, double* acc);
   void (*accumulate_f16)(const c10::Half* src, int64_t d, double* acc);

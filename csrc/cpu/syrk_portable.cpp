@@ -10,8 +10,12 @@ namespace refframe::cpu {
 namespace {
 
 template <typename T>
-void center_portable(const T* src, const float* mean, int64_t d, float* dst) {
-  for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(src[j]) - mean[j];
+void pack_portable(const T* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
+                   int64_t panel, float* dst) {
+  for (int64_t k = 0; k < kc; ++k, src += stride, dst += panel) {
+    for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<float>(src[c]) - mean[c];
+    for (int64_t c = width; c < panel; ++c) dst[c] = 0.0f;
+  }
 }
 
 template <typename T>
@@ -36,8 +40,8 @@ void micro_portable(int64_t kc, const float* a, const float* b, double* c) {
 }  // namespace
 
 const KernelSet& portable_kernels() {
-  static const KernelSet set{"portable", center_portable<c10::BFloat16>, center_portable<c10::Half>,
-                             center_portable<float>, accumulate_portable<c10::BFloat16>,
+  static const KernelSet set{"portable", pack_portable<c10::BFloat16>, pack_portable<c10::Half>,
+                             pack_portable<float>, accumulate_portable<c10::BFloat16>,
                              accumulate_portable<c10::Half>, accumulate_portable<float>,
                              micro_portable};
   return set;

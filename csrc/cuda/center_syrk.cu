@@ -1,0 +1,413 @@
+// center_syrk on CUDA: exact column mean and population covariance of W, without copying W.
+//
+// Input: W (N, d) bf16/fp16/fp32 on a CUDA device, any strides. Output: mean fp64 (d,), covariance
+// fp32 (d, d), symmetric and full. Four kernels run on the current stream with no host
+// synchronisation and no atomics, so the result is bitwise identical from run to run on a given
+// device (only the number of row splits of pass 2 depends on the device: its SM count).
+//
+// Pass 1 (column_sum_kernel, mean_finalize_kernel): exact fp64 column sums, merged in a fixed order.
+// Pass 2 (syrk_kernel): Gram matrix of the centred rows, upper-triangle 128 x 128 tiles only.
+// Pass 3 (reduce_mirror_kernel): fixed-order sum of the row splits, divide by N, write both halves.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace refframe::cuda {
+namespace {
+
+constexpr int kTile = 128;        // covariance tile edge: one thread block per tile and row split
+constexpr int kBK = 16;           // rows of W staged in shared memory per step
+constexpr int kThreads = 256;     // 16 x 16 threads, each owning 8 x 8 outputs of the tile
+constexpr int kPerThread = 64;    // outputs per thread
+constexpr int kFlushSteps = 8;    // steps summed in fp32 before each fp64 flush (128 rows)
+constexpr int kStageFloats = 2 * 2 * kBK * kTile;  // two buffers of the A and B row panels
+constexpr size_t kSmemBase = (kStageFloats + 2 * kTile) * sizeof(float);
+constexpr size_t kSmemWithAcc = kSmemBase + sizeof(double) * kPerThread * kThreads;
+
+constexpr int kSumCols = 32;      // pass 1 and 3 helpers: columns per block ...
+constexpr int kSumLanes = 8;      // ... and row lanes per column
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Linear index t of an upper-triangle tile (ti <= tj), column by column: t = tj (tj + 1) / 2 + ti.
+__host__ __device__ inline void tile_coords(int64_t t, int64_t& ti, int64_t& tj) {
+  int64_t c = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) * 0.5);
+  while (c * (c + 1) / 2 > t) --c;
+  while ((c + 1) * (c + 2) / 2 <= t) ++c;
+  tj = c;
+  ti = t - c * (c + 1) / 2;
+}
+
+// Row (or column) inside a tile of output m (0..7) of the thread at position t (0..15) along it:
+// two groups of 4, 64 apart, so that each thread reads its A and B values as two float4.
+__host__ __device__ inline int micro_offset(int t, int m) { return (m / 4) * 64 + t * 4 + (m % 4); }
+
+// Column sums of W in fp64, one row split per blockIdx.y.
+//
+// Block: 32 columns x 8 row lanes; each lane sums its rows in order, the lanes are merged in order,
+// and partial[split][j] receives the split's sum. Unit column stride gives coalesced row reads.
+template <typename T>
+__global__ void column_sum_kernel(const T* __restrict__ w, int64_t n, int64_t d, int64_t s0, int64_t s1,
+                                  int64_t rows_per_split, double* __restrict__ partial) {
+  __shared__ double lanes[kSumLanes][kSumCols];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t r1 = r0 + rows_per_split < n ? r0 + rows_per_split : n;
+  double s = 0.0;
+  if (j < d) {
+    const T* col = w + j * s1;
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kSumLanes) s += static_cast<double>(static_cast<float>(col[r * s0]));
+  }
+  lanes[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < d) {
+    double t = 0.0;
+#pragma unroll
+    for (int y = 0; y < kSumLanes; ++y) t += lanes[y][threadIdx.x];
+    partial[blockIdx.y * d + j] = t;
+  }
+}
+
+// mean64[j] = (sum of the split partials of column j, in split order) / N; mean32 = fp32(mean64).
+__global__ void mean_finalize_kernel(const double* __restrict__ partial, int64_t splits, int64_t n, int64_t d,
+                                     double* __restrict__ mean64, float* __restrict__ mean32) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  double s = 0.0;
+  for (int64_t sp = 0; sp < splits; ++sp) s += partial[sp * d + j];
+  const double m = s / static_cast<double>(n);
+  mean64[j] = m;
+  mean32[j] = static_cast<float>(m);
+}
+
+// Element e (0..7) of eight packed elements of type T, converted exactly to fp32.
+template <typename T>
+__device__ __forceinline__ float unpack(const uint32_t* words, int e);
+template <>
+__device__ __forceinline__ float unpack<float>(const uint32_t* words, int e) {
+  return __uint_as_float(words[e]);
+}
+template <>
+__device__ __forceinline__ float unpack<c10::BFloat16>(const uint32_t* words, int e) {
+  const auto bits = static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
+  return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+}
+template <>
+__device__ __forceinline__ float unpack<c10::Half>(const uint32_t* words, int e) {
+  const auto bits = static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// Eight consecutive columns of one row of W, held in registers between the load and the store to
+// shared memory (so the load latency overlaps a whole step of products).
+// kVec: 16-byte loads, kept raw and converted on use; needs unit column stride and every chunk
+// 16-byte aligned. Otherwise: strided element loads of the first `count` columns, the rest zero.
+template <typename T, bool kVec>
+struct Chunk;
+
+template <typename T>
+struct Chunk<T, true> {
+  static constexpr int kWords = 2 * static_cast<int>(sizeof(T));
+  uint32_t words[kWords];
+  __device__ __forceinline__ void load(const T* p, int64_t, int) {
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int i = 0; i < kWords / 4; ++i) {
+      const uint4 v = __ldg(q + i);
+      words[4 * i] = v.x;
+      words[4 * i + 1] = v.y;
+      words[4 * i + 2] = v.z;
+      words[4 * i + 3] = v.w;
+    }
+  }
+  __device__ __forceinline__ float get(int e) const { return unpack<T>(words, e); }
+};
+
+template <typename T>
+struct Chunk<T, false> {
+  float v[8];
+  __device__ __forceinline__ void load(const T* p, int64_t col_stride, int count) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = e < count ? static_cast<float>(p[e * col_stride]) : 0.0f;
+  }
+  __device__ __forceinline__ float get(int e) const { return v[e]; }
+};
+
+// Gram matrix of the centred rows of one row split, for one upper-triangle 128 x 128 tile.
+//
+// Layout: W (N, d) with strides (s0, s1); tile (ti, tj) from blockIdx.x, rows
+// [blockIdx.y * rows_per_split, ...) of W. Each step stages 16 rows of the A columns (ti) and the
+// B columns (tj), converted and centred once (fp32(x) - fp32(mean)) and zero outside W, in a
+// double-buffered shared-memory panel; the next step's chunks are already in flight in registers.
+// Each thread holds an 8 x 8 block of the tile (two 4 x 4 groups 64 apart: conflict-free float4
+// reads) and forms all 64 x 16 products of a step with one fp32 FMA each.
+//
+// Precision: products exact-ish in fp32 FMA chains only 16 long (one step, starting from the first
+// product), added into an fp32 sum of 8 steps (128 rows) that is then flushed into fp64 accumulators
+// (shared memory when the device offers 161 KiB per block, else this block's slice of `partial`).
+// Simulated, this reaches 3.5-8e-8 relative Frobenius error, the floor being the final fp32 rounding.
+//
+// Output: partial[split][tile][e * 256 + thread] (fp64, e = 8 * row + col of the thread's block).
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads, 1)
+    syrk_kernel(const T* __restrict__ w, int64_t n, int64_t d, int64_t s0, int64_t s1,
+                const float* __restrict__ mean32, int64_t rows_per_split, int64_t tiles, bool smem_acc,
+                double* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* stage = reinterpret_cast<float*>(smem_raw);
+  float* mean_s = stage + kStageFloats;  // [0, 128): A columns, [128, 256): B columns
+  double* acc_s = reinterpret_cast<double*>(mean_s + 2 * kTile);
+
+  const int tid = threadIdx.x;
+  const int ty = tid / 16, tx = tid % 16;  // compute position: rows by ty, columns by tx
+  const int lr = tid / 16, lc = (tid % 16) * 8;  // load position: row lr of a step, columns lc..lc+7
+
+  int64_t ti, tj;
+  tile_coords(blockIdx.x, ti, tj);
+  const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t row_end = row_begin + rows_per_split < n ? row_begin + rows_per_split : n;
+  const int64_t steps = ceil_div(row_end - row_begin, kBK);
+
+  double* out = partial + (static_cast<int64_t>(blockIdx.y) * tiles + blockIdx.x) * kTile * kTile;
+  double* acc = smem_acc ? acc_s : out;
+#pragma unroll
+  for (int e = 0; e < kPerThread; ++e) acc[e * kThreads + tid] = 0.0;
+
+  {
+    const int64_t col = (tid < kTile ? i0 : j0) + tid % kTile;
+    mean_s[tid] = col < d ? mean32[col] : 0.0f;
+  }
+  __syncthreads();
+
+  const int64_t a_left = d - (i0 + lc), b_left = d - (j0 + lc);
+  const int a_count = a_left <= 0 ? 0 : (a_left >= 8 ? 8 : static_cast<int>(a_left));
+  const int b_count = b_left <= 0 ? 0 : (b_left >= 8 ? 8 : static_cast<int>(b_left));
+  // This thread's chunks of the current step, and the rows of the split left from its row on.
+  const T* a_src = w + (row_begin + lr) * s0 + (i0 + lc) * s1;
+  const T* b_src = w + (row_begin + lr) * s0 + (j0 + lc) * s1;
+  const int64_t step_stride = kBK * s0;
+  int64_t rows_left = row_end - row_begin - lr;
+
+  Chunk<T, kVec> ra, rb;
+  auto fetch = [&] {
+    if (rows_left > 0 && a_count > 0) ra.load(a_src, s1, a_count);
+    if (rows_left > 0 && b_count > 0) rb.load(b_src, s1, b_count);
+  };
+  auto advance = [&] {
+    a_src += step_stride;
+    b_src += step_stride;
+    rows_left -= kBK;
+  };
+
+  float run[8][8];
+  float mid[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) mid[i][j] = 0.0f;
+
+  fetch();
+  for (int64_t step = 0; step < steps; ++step) {
+    float* As = stage + (step & 1) * 2 * kBK * kTile;
+    float* Bs = As + kBK * kTile;
+    {
+      const bool a_live = rows_left > 0 && a_count > 0, b_live = rows_left > 0 && b_count > 0;
+      float va[8], vb[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        va[e] = a_live ? ra.get(e) - mean_s[lc + e] : 0.0f;
+        vb[e] = b_live ? rb.get(e) - mean_s[kTile + lc + e] : 0.0f;
+      }
+      float4* a_dst = reinterpret_cast<float4*>(As + lr * kTile + lc);
+      float4* b_dst = reinterpret_cast<float4*>(Bs + lr * kTile + lc);
+      a_dst[0] = make_float4(va[0], va[1], va[2], va[3]);
+      a_dst[1] = make_float4(va[4], va[5], va[6], va[7]);
+      b_dst[0] = make_float4(vb[0], vb[1], vb[2], vb[3]);
+      b_dst[1] = make_float4(vb[4], vb[5], vb[6], vb[7]);
+    }
+    __syncthreads();
+    advance();
+    if (step + 1 < steps) fetch();
+
+#pragma unroll
+    for (int k = 0; k < kBK; ++k) {
+      const float4 a_lo = *reinterpret_cast<const float4*>(As + k * kTile + ty * 4);
+      const float4 a_hi = *reinterpret_cast<const float4*>(As + k * kTile + 64 + ty * 4);
+      const float4 b_lo = *reinterpret_cast<const float4*>(Bs + k * kTile + tx * 4);
+      const float4 b_hi = *reinterpret_cast<const float4*>(Bs + k * kTile + 64 + tx * 4);
+      const float a[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
+      const float b[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) run[i][j] = k == 0 ? a[i] * b[j] : fmaf(a[i], b[j], run[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) mid[i][j] += run[i][j];
+
+    if ((step + 1) % kFlushSteps == 0 || step + 1 == steps) {
+      // One row of the 8 x 8 block at a time: __syncwarp() orders the accumulator accesses, so the
+      // compiler does not load all 64 fp64 accumulators at once (that would spill registers).
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          acc[(i * 8 + j) * kThreads + tid] += static_cast<double>(mid[i][j]);
+          mid[i][j] = 0.0f;
+        }
+        __syncwarp();
+      }
+    }
+  }
+
+  if (smem_acc) {
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) out[e * kThreads + tid] = acc_s[e * kThreads + tid];
+  }
+}
+
+// cov[i][j] = cov[j][i] = fp32((sum over splits, in order, of the fp64 partials) / N), i <= j.
+//
+// One block per (tile, e): thread t reads partial entry e * 256 + t of every split (coalesced) and
+// writes its upper-triangle element and the mirror. Writes are strided, but this pass moves only
+// d^2 floats against the N d^2 / 2 products of pass 2.
+__global__ void reduce_mirror_kernel(const double* __restrict__ partial, int64_t tiles, int64_t splits, int64_t n,
+                                     int64_t d, float* __restrict__ cov) {
+  const int64_t tile = blockIdx.x / kPerThread;
+  const int e = blockIdx.x % kPerThread;
+  const int tid = threadIdx.x;
+  int64_t ti, tj;
+  tile_coords(tile, ti, tj);
+  const int64_t i = ti * kTile + micro_offset(tid / 16, e / 8);
+  const int64_t j = tj * kTile + micro_offset(tid % 16, e % 8);
+  if (i >= d || j >= d || i > j) return;
+  const double* p = partial + tile * kTile * kTile + e * kThreads + tid;
+  double s = 0.0;
+  for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
+  const float v = static_cast<float>(s / static_cast<double>(n));
+  cov[i * d + j] = v;
+  if (i < j) cov[j * d + i] = v;
+}
+
+// Row splits of pass 2: the fewest that fill at least 90% of the device's block slots in the last
+// wave of tiles x splits blocks (or the best fill found), each split keeping >= kMinSplitRows rows
+// and the fp64 workspace (splits x tiles x 128 KiB) within kMaxWorkspaceTiles tiles.
+constexpr int64_t kMinSplitRows = 1024;
+constexpr int64_t kMaxWorkspaceTiles = 2048;
+
+struct SyrkPlan {
+  int64_t splits;
+  int64_t rows_per_split;
+};
+
+SyrkPlan plan_syrk(int64_t n, int64_t tiles, int64_t slots) {
+  const int64_t max_splits =
+      std::max<int64_t>(1, std::min(n / kMinSplitRows, kMaxWorkspaceTiles / tiles));
+  int64_t best = 1;
+  double best_fill = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t blocks = tiles * s;
+    const double fill = static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, slots) * slots);
+    if (fill > best_fill) {
+      best = s;
+      best_fill = fill;
+    }
+    if (fill >= 0.9) break;
+  }
+  const int64_t rows = ceil_div(n, best);
+  return {ceil_div(n, rows), rows};
+}
+
+}  // namespace
+
+namespace {
+
+constexpr int64_t kMaxMeanSplits = 64;
+constexpr int64_t kMinMeanRows = 256;
+
+template <typename T>
+void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) {
+  const int64_t n = W.size(0), d = W.size(1), s0 = W.stride(0), s1 = W.stride(1);
+  const T* w = W.const_data_ptr<T>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto f64 = W.options().dtype(at::kDouble);
+
+  // Pass 1: exact mean.
+  const int64_t mean_rows = std::max(kMinMeanRows, ceil_div(n, kMaxMeanSplits));
+  const int64_t mean_splits = ceil_div(n, mean_rows);
+  at::Tensor mean_partial = at::empty({mean_splits, d}, f64);
+  at::Tensor mean32 = at::empty({d}, W.options().dtype(at::kFloat));
+  column_sum_kernel<T><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0, stream>>>(
+      w, n, d, s0, s1, mean_rows, mean_partial.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  mean_finalize_kernel<<<ceil_div(d, kThreads), kThreads, 0, stream>>>(
+      mean_partial.const_data_ptr<double>(), mean_splits, n, d, mean.data_ptr<double>(), mean32.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Pass 2: Gram matrix of the centred rows, upper-triangle tiles, split over rows.
+  const int64_t per_side = ceil_div(d, kTile);
+  const int64_t tiles = per_side * (per_side + 1) / 2;
+  TORCH_CHECK(tiles * kPerThread <= INT32_MAX, "center_syrk (CUDA): d = ", d, " is too large");
+  int device = 0, sms = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const bool smem_acc = static_cast<size_t>(smem_optin) >= kSmemWithAcc;
+  const size_t smem = smem_acc ? kSmemWithAcc : kSmemBase;
+  const bool vec = s1 == 1 && s0 % 8 == 0 && d % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  const auto kernel = vec ? syrk_kernel<T, true> : syrk_kernel<T, false>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  TORCH_CHECK(per_sm > 0, "center_syrk (CUDA): the covariance kernel does not fit on device ", device);
+  const SyrkPlan plan = plan_syrk(n, tiles, static_cast<int64_t>(sms) * per_sm);
+  at::Tensor partial = at::empty({plan.splits * tiles * kTile * kTile}, f64);
+  kernel<<<dim3(tiles, plan.splits), kThreads, smem, stream>>>(
+      w, n, d, s0, s1, mean32.const_data_ptr<float>(), plan.rows_per_split, tiles, smem_acc,
+      partial.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Pass 3: merge the splits, scale, mirror.
+  reduce_mirror_kernel<<<tiles * kPerThread, kThreads, 0, stream>>>(
+      partial.const_data_ptr<double>(), tiles, plan.splits, n, d, cov.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> center_syrk_cuda(const at::Tensor& W) {
+  TORCH_CHECK(W.is_cuda(), "center_syrk (CUDA): W must be a CUDA tensor, got device ", W.device());
+  TORCH_CHECK(W.dim() == 2, "center_syrk (CUDA): W must be 2-D (N, d), got shape ", W.sizes());
+  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf ||
+                  W.scalar_type() == at::kFloat,
+              "center_syrk (CUDA): W must be bfloat16, float16 or float32, got ", W.scalar_type());
+  const int64_t n = W.size(0), d = W.size(1);
+  TORCH_CHECK(n >= 1 && d >= 1, "center_syrk (CUDA): W must have at least one row and one column, got shape ",
+              W.sizes());
+  const c10::cuda::CUDAGuard device_guard(W.device());
+  at::Tensor mean = at::empty({d}, W.options().dtype(at::kDouble));
+  at::Tensor cov = at::empty({d, d}, W.options().dtype(at::kFloat));
+  AT_DISPATCH_SWITCH(W.scalar_type(), "center_syrk_cuda",
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { center_syrk_launch<scalar_t>(W, mean, cov); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { center_syrk_launch<scalar_t>(W, mean, cov); })
+      AT_DISPATCH_CASE(at::kFloat, [&] { center_syrk_launch<scalar_t>(W, mean, cov); }));
+  return {mean, cov};
+}
+
+}  // namespace
+}  // namespace refframe::cuda
+
+TORCH_LIBRARY_IMPL(refframe, CUDA, m) {
+  m.impl("center_syrk", &refframe::cuda::center_syrk_cuda);
+}
