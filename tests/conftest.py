@@ -12,6 +12,14 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 needs_native = pytest.mark.skipif(not refframe.native_available(), reason="native library not built")
 
 
+@pytest.fixture(autouse=True)
+def _no_pca_cache(monkeypatch, tmp_path_factory):
+    """Builds in tests compute their PCA (REFFRAME_NO_CACHE=1) unless a test turns the cache on
+    itself (tests/test_cache.py); the cache directory is never the user's."""
+    monkeypatch.setenv("REFFRAME_NO_CACHE", "1")
+    monkeypatch.setenv("REFFRAME_CACHE_DIR", str(tmp_path_factory.mktemp("pca-cache")))
+
+
 def make_w(n: int, d: int, dtype: torch.dtype, *, seed: int = 0, offset_sigmas: float = 0.0) -> torch.Tensor:
     """A correlated random W; with offset_sigmas, three columns have a mean that many sigmas from 0."""
     g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops, reference
+from . import ops
 from .frame import build_frame
 from .io import save_tensors
 from .sources import load_w
@@ -54,8 +54,6 @@ def time_alternating(fns: dict[str, Callable[[], object]], reps: int) -> dict[st
 
 def gemm_rate(n: int = 4096) -> dict[str, float]:
     """fp32 GEMM GFLOP/s of torch (MKL) and numpy (its BLAS) on n^3, best of 3."""
-    import numpy as np
-
     a = torch.randn(n, n)
     b = torch.randn(n, n)
     an, bn = a.numpy(), b.numpy()
@@ -153,7 +151,7 @@ def run(spec: SyntheticSpec, reps: int, log: Callable[[str], None]) -> dict[str,
             results["speedup"]["build_vs_sklearn_fit"] = (
                 peers["sklearn_fit"]["median"] / results["stages"]["build_frame"]["native"]["median"]
             )
-    del W
+    W = None  # free it before the subprocesses measure their own peak
     log("Measuring peak RSS of a whole build per backend (fresh subprocesses) ...")
     with tempfile.TemporaryDirectory() as tmp:
         w_path = Path(tmp) / "W.safetensors"

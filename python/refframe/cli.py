@@ -6,14 +6,15 @@ import argparse
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .errors import RefframeError
-from .frame import Frame, build_frame, check_ids, check_w
+from .errors import InputError, OutputError, RefframeError, RefframeWarning
+from .frame import Frame, build_frame, check_ids, check_memory, check_w, plan
 from .framefile import save_frame
 from .io import check_output_path, hash_tensor, save_tensors
 from .ops import native_status
@@ -32,10 +33,13 @@ def _mb(nbytes: int) -> str:
     return f"{nbytes / 1024 / 1024:.1f} MB"
 
 
-def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", help=f"folder in the seed's layout ({W_FILENAME}, {CLUSTER_FILENAME})")
+def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    many: dict = {"action": "extend", "nargs": "+"} if several else {}  # build: repeatable
+    p.add_argument(
+        "--model-dir", **many, help=f"folder in the seed's layout ({W_FILENAME}, {CLUSTER_FILENAME})"
+    )
     p.add_argument("--W", dest="w", help="safetensors file holding W (overrides --model-dir)")
-    p.add_argument("--cluster", help="safetensors file holding the cluster token ids")
+    p.add_argument("--cluster", **many, help="safetensors file holding the cluster token ids")
     p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W)")
     p.add_argument("--cluster-key", help="key of the ids in their file (default: cluster_token_ids)")
 
@@ -62,14 +66,31 @@ def run_build(
     backend: str = "auto",
     device: str = "auto",
     eigh_dtype: str = "float32",
+    force: bool = False,
 ) -> Frame:
-    """Load, build, save; print the seed's report and the time of each stage."""
-    check_output_path(out)
+    """Load, build, save; print the seed's report and the time of each stage.
+
+    Everything that can be checked before the work starts is checked first, in this order: the
+    output path, W's file, key, shape and dtype, the ids, the backend and device, the memory needed.
+    """
+    check_output_path(out, inputs=(w_path, ids_path))
     t0 = time.perf_counter()
     W, wk = load_w(w_path, w_key)
-    check_w(W, f"{w_path}:{wk}")
+    w_name = f"{w_path}:{wk}"
+    check_w(W, w_name)
     ids, ck = load_ids(ids_path, cluster_key)
-    ids = check_ids(ids, W.shape[0], f"{ids_path}:{ck}")
+    ids_name = f"{ids_path}:{ck}"
+    ids = check_ids(ids, W.shape[0], ids_name)
+    used, dev = plan(W, backend, device, w_name)
+    check_memory(
+        W,
+        used,
+        dev,
+        name=w_name,
+        cluster_size=int(ids.numel()),
+        eigh_dtype=EIGH_DTYPES[eigh_dtype],
+        force=force,
+    )
     t_load = time.perf_counter() - t0
     n, d = W.shape
     say(f"Loaded W: {tuple(W.shape)} {str(W.dtype).removeprefix('torch.')} from {w_path}")
@@ -78,7 +99,18 @@ def run_build(
     w_hash = hash_tensor(W)
     t_hash = time.perf_counter() - t0
     say("Computing PCA...")
-    frame = build_frame(W, ids, backend=backend, device=device, eigh_dtype=EIGH_DTYPES[eigh_dtype])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RefframeWarning)  # duplicate ids were reported above
+        frame = build_frame(
+            W,
+            ids,
+            backend=backend,
+            device=device,
+            eigh_dtype=EIGH_DTYPES[eigh_dtype],
+            name=w_name,
+            ids_name=ids_name,
+            force=True,  # checked above (or skipped on purpose)
+        )
     say(f"✓ PCA computed (backend {frame.backend}, device {frame.device})")
     report_frame(frame)
     t0 = time.perf_counter()
@@ -88,6 +120,7 @@ def run_build(
         model_name=model_name,
         source_dtype=str(W.dtype).removeprefix("torch."),
         w_hash=w_hash,
+        inputs=(w_path, ids_path),
     )
     t_save = time.perf_counter() - t0
     say("")
@@ -104,21 +137,34 @@ def run_build(
 
 
 def run_verify(path: Path, w_path: Path | None, ids_path: Path | None, w_key=None, cluster_key=None) -> None:
-    W = load_w(w_path, w_key)[0] if w_path is not None else None
-    ids = load_ids(ids_path, cluster_key)[0] if ids_path is not None and w_path is not None else None
+    W = ids = None
+    w_name, ids_name = "W", "cluster ids"
+    if w_path is not None:
+        W, wk = load_w(w_path, w_key)
+        w_name = f"{w_path}:{wk}"
+        if ids_path is not None:
+            ids, ck = load_ids(ids_path, cluster_key)
+            ids_name = f"{ids_path}:{ck}"
     say(f"Verifying {path}" + (f" against {w_path}" if w_path else ""))
-    res = verify_frame(path, W, ids)
+    res = verify_frame(path, W, ids, w_name=w_name, ids_name=ids_name)
     for line in res.checks:
         say(f"  ✓ {line}")
     say("✓ Verification passed")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from .buildcmd import cmd_build as build_models  # several models / clusters, PCA cache
+
+    return build_models(args)
+
+
+def cmd_build_one(args: argparse.Namespace) -> int:
+    """The single-model, single-cluster build without the PCA cache (superseded by buildcmd)."""
     paths = seed_paths(args.model_dir, args.w, args.cluster, args.out, args.model_name)
     if paths.cluster is None:
-        raise RefframeError("no cluster ids: give --cluster FILE (or --model-dir DIR)")
+        raise InputError("no cluster ids: give --cluster FILE (or --model-dir DIR)")
     if paths.out is None:
-        raise RefframeError("no output path: give --out FILE (or --model-dir DIR)")
+        raise InputError("no output path: give --out FILE (or --model-dir DIR)")
     say(f"refframe {__version__}: {native_status()}")
     run_build(
         paths.w,
@@ -130,12 +176,17 @@ def cmd_build(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         eigh_dtype=args.eigh_dtype,
+        force=args.force,
     )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     w_path = ids_path = None
+    if args.cluster and not (args.model_dir or args.w):
+        raise InputError(
+            "checking the centroid against --cluster needs W too: give --W FILE or --model-dir DIR"
+        )
     if args.model_dir or args.w:
         paths = seed_paths(args.model_dir, args.w, args.cluster, out=args.file)
         w_path, ids_path = paths.w, paths.cluster
@@ -149,7 +200,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         spec = SyntheticSpec(**{**spec.__dict__, "seed": args.seed})
     name = f"synthetic-{spec.n_tokens}x{spec.dim}-seed{spec.seed}"
     model_dir = Path(args.dir) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{model_dir}: cannot create the demo folder ({exc.strerror or exc})") from None
     say(f"refframe {__version__}: {native_status()}")
     w_path, ids_path = model_dir / W_FILENAME, model_dir / CLUSTER_FILENAME
     if w_path.exists() and ids_path.exists():
@@ -179,8 +233,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line, like every other refframe error (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"refframe: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refframe", description="Cluster-centric reference frames of token embedding matrices."
     )
     parser.add_argument("--version", action="version", version=f"refframe {__version__}")
@@ -188,12 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="compute the PCA of W and the cluster centroid, save the frame")
-    _add_source_args(b)
+    _add_source_args(b, several=True)
+    b.add_argument(
+        "--checkpoint",
+        action="extend",
+        nargs="+",
+        help="Hugging Face safetensors checkpoint folder(s): W is lm_head.weight, else model.embed_tokens.weight (tied), or --W-key",
+    )
     b.add_argument("--out", help="output file (default: DIR/1.6a_cluster_reference_frame.safetensors)")
+    b.add_argument(
+        "--out-dir",
+        help="output folder; several clusters: 1.6a_cluster_reference_frame.<cluster>.safetensors each; several models: OUT_DIR/<model name>/",
+    )
+    b.add_argument(
+        "--cache-dir",
+        help="PCA cache folder (default: $REFFRAME_CACHE_DIR, $XDG_CACHE_HOME/refframe or ~/.cache/refframe)",
+    )
+    b.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the PCA cache (also: REFFRAME_NO_CACHE=1)",
+    )
     b.add_argument("--model-name", help="model name stored in the file's metadata (default: the folder name)")
     b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     b.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
     b.add_argument("--eigh-dtype", default="float32", choices=sorted(EIGH_DTYPES))
+    b.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the up-front memory check (also: REFFRAME_SKIP_MEMORY_CHECK=1)",
+    )
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="check a frame file (format, maths, and against its source if given)")
@@ -217,25 +303,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C so the same clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Interrupted(signum)
+
+
+def _install_signal_handlers() -> dict[int, object]:
+    """SIGTERM (and SIGHUP, unless ignored as under nohup) interrupt like Ctrl-C: the build stops,
+    its temporary file is removed, the previous output stays as it was. Returns the handlers
+    replaced, for main() to put back."""
+    old: dict[int, object] = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            if name == "SIGHUP" and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
+            old[sig] = signal.signal(sig, _raise_interrupt)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return old
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _one_line(text: object) -> str:
+    """Messages are one line by construction; this guards against a newline in a file name."""
+    return " ".join(str(text).splitlines()).strip()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, RefframeWarning):
+        print(f"refframe: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; every failure prints one line `refframe: error: ...` and returns
+    non-zero (1 for an error, 2 for a usage error, 128 + the signal number when interrupted).
+    --debug re-raises instead, with the traceback."""
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    old_handlers = _install_signal_handlers()
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RefframeWarning)
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except RefframeError as exc:
         if args.debug:
             raise
-        print(f"refframe: error: {exc}", file=sys.stderr)
+        print(f"refframe: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print("refframe: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        print(
+            f"refframe: interrupted ({_signal_name(signum)}); the output file was left as it was",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    except MemoryError:
+        if args.debug:
+            raise
+        print("refframe: error: out of memory (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, or a failure refframe does not know yet: still one line
+        if args.debug:
+            raise
+        lines = str(exc).strip().splitlines()
+        print(
+            f"refframe: error: unexpected {type(exc).__name__}: {lines[0] if lines else ''} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        for sig, handler in old_handlers.items():
+            try:
+                signal.signal(sig, handler)  # type: ignore[arg-type]
+            except (ValueError, OSError, TypeError):
+                pass
 
 
 if __name__ == "__main__":

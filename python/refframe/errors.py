@@ -11,8 +11,17 @@ class InputError(RefframeError):
     """An input file or tensor is missing, unreadable, malformed or has the wrong shape or dtype."""
 
 
+class FileFormatError(InputError):
+    """A file is not a well-formed safetensors file (not safetensors at all, truncated, corrupted header)."""
+
+
 class KeyNotFoundError(InputError):
     """A requested tensor key is not in the file."""
+
+
+class CheckpointError(InputError):
+    """A Hugging Face style checkpoint folder is unusable (no model.safetensors, a malformed
+    model.safetensors.index.json, a shard it names is missing)."""
 
 
 class ClusterIdsError(InputError):
@@ -31,9 +40,18 @@ class OutputError(ResourceError):
     """The output path is unusable (missing directory, not writable, a directory, disk full)."""
 
 
+class NumericalError(RefframeError):
+    """The computation failed numerically (covariance overflow, eigendecomposition did not converge)."""
+
+
 class BackendError(RefframeError):
     """The requested backend cannot run here (e.g. native without the compiled library)."""
 
 
 class VerificationError(RefframeError):
     """A frame file failed verification."""
+
+
+class RefframeWarning(UserWarning):
+    """A suspicious input that refframe accepts (e.g. duplicate cluster ids); the CLI prints it as
+    one line `refframe: warning: ...`."""

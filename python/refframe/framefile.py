@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from .frame import Frame
-from .io import SafetensorsFile, save_tensors
+from .io import SafetensorsFile, hash_tensor, save_tensors
 
 KEY_CENTROID = "cluster_centroid"
 KEY_EIGENVALUES = "W_eigenvalues"
@@ -18,6 +19,7 @@ FRAME_KEYS = (KEY_CENTROID, KEY_EIGENVALUES, KEY_EIGENVECTORS)
 FORMAT = "refframe-frame/1"
 SIGN_CONVENTION = "largest-magnitude component of each eigenvector is positive"
 DEFAULT_FILENAME = "1.6a_cluster_reference_frame.safetensors"
+TENSOR_HASHES = "tensor_hashes"
 
 
 def frame_metadata(
@@ -45,6 +47,23 @@ def frame_metadata(
     return meta
 
 
+def tensor_hashes(tensors: dict[str, torch.Tensor]) -> str:
+    """The `tensor_hashes` metadata value: `key=xxh3_128:...` for each frame tensor, comma-separated."""
+    return ",".join(f"{k}={hash_tensor(tensors[k])}" for k in FRAME_KEYS if k in tensors)
+
+
+def parse_tensor_hashes(value: str) -> dict[str, str] | None:
+    """{key: hash} from a `tensor_hashes` metadata value, or None if it is malformed (plain data:
+    nothing in it is followed or evaluated)."""
+    out: dict[str, str] = {}
+    for part in value.split(","):
+        key, sep, digest = part.partition("=")
+        if not sep or not key or not digest.startswith("xxh3_128:"):
+            return None
+        out[key] = digest
+    return out
+
+
 def save_frame(
     frame: Frame,
     path: str | os.PathLike[str],
@@ -52,15 +71,21 @@ def save_frame(
     model_name: str = "",
     source_dtype: str = "",
     w_hash: str = "",
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> Path:
-    """Write the frame atomically: the previous file at `path` survives any failure intact."""
+    """Write the frame atomically: the previous file at `path` survives any failure intact.
+
+    `inputs`: files the frame was built from; writing over one of them is refused (OutputError).
+    The metadata records a checksum of each tensor (`tensor_hashes`) that verify_frame checks.
+    """
     tensors = {
-        KEY_CENTROID: frame.centroid.to(torch.float32),
-        KEY_EIGENVALUES: frame.eigenvalues.to(torch.float32),
-        KEY_EIGENVECTORS: frame.eigenvectors.to(torch.float32),
+        KEY_CENTROID: frame.centroid.detach().to("cpu", torch.float32).contiguous(),
+        KEY_EIGENVALUES: frame.eigenvalues.detach().to("cpu", torch.float32).contiguous(),
+        KEY_EIGENVECTORS: frame.eigenvectors.detach().to("cpu", torch.float32).contiguous(),
     }
     meta = frame_metadata(frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash)
-    save_tensors(path, tensors, meta)
+    meta[TENSOR_HASHES] = tensor_hashes(tensors)
+    save_tensors(path, tensors, meta, inputs)
     return Path(path)
 
 

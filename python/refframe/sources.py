@@ -10,7 +10,7 @@ import torch
 
 from .errors import InputError, KeyNotFoundError
 from .framefile import DEFAULT_FILENAME
-from .io import SafetensorsFile
+from .io import SafetensorsFile, key_list
 
 W_FILENAME = "W.safetensors"
 CLUSTER_FILENAME = "1.4h_cluster_tokens.safetensors"
@@ -37,9 +37,15 @@ def seed_paths(
     DIR/1.6a_cluster_reference_frame.safetensors); explicit files override each part."""
     if model_dir is not None:
         d = Path(model_dir)
-        if not d.exists():
+        try:
+            exists, is_dir = d.exists(), d.is_dir()
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"{d}: model directory cannot be read ({getattr(exc, 'strerror', None) or exc})"
+            ) from None
+        if not exists:
             raise InputError(f"{d}: model directory does not exist")
-        if not d.is_dir():
+        if not is_dir:
             raise InputError(f"{d}: not a directory (--model-dir expects the folder holding {W_FILENAME})")
         w = w or d / W_FILENAME
         cluster = cluster or d / CLUSTER_FILENAME
@@ -56,7 +62,7 @@ def seed_paths(
     )
 
 
-def _pick_key(f: SafetensorsFile, key: str | None, default: str, what: str, fits) -> str:
+def _pick_key(f: SafetensorsFile, key: str | None, default: str, what: str, fits, option: str) -> str:
     if key is not None:
         f.info(key)  # raises KeyNotFoundError listing the keys present
         return key
@@ -65,14 +71,14 @@ def _pick_key(f: SafetensorsFile, key: str | None, default: str, what: str, fits
     candidates = [k for k in f.keys() if fits(*f.info(k))]
     if len(candidates) == 1:
         return candidates[0]
-    have = ", ".join(sorted(f.keys())) or "none"
+    have = key_list(f.keys())
     if not candidates:
         raise KeyNotFoundError(
             f"{f.path}: key {default!r} not found and no other {what} (keys present: {have})"
         )
     raise KeyNotFoundError(
         f"{f.path}: key {default!r} not found and several candidates for {what}: "
-        f"{', '.join(sorted(candidates))}; choose one with the key option"
+        f"{key_list(candidates)}; choose one with {option}"
     )
 
 
@@ -85,6 +91,7 @@ def load_w(path: str | os.PathLike[str], key: str | None = None) -> tuple[torch.
         W_KEY,
         "2-D floating-point tensor",
         lambda dt, sh: dt.is_floating_point and len(sh) == 2,
+        "--W-key",
     )
     return f.tensor(k), k
 
@@ -98,5 +105,6 @@ def load_ids(path: str | os.PathLike[str], key: str | None = None) -> tuple[torc
         CLUSTER_KEY,
         "1-D integer tensor",
         lambda dt, sh: not dt.is_floating_point and dt != torch.bool and len(sh) == 1,
+        "--cluster-key",
     )
     return f.tensor(k), k

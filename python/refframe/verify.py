@@ -12,10 +12,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import VerificationError
-from .frame import check_ids, check_w
-from .framefile import FRAME_KEYS, KEY_CENTROID, KEY_EIGENVALUES, KEY_EIGENVECTORS
-from .io import SafetensorsFile
+from .errors import FileFormatError, VerificationError
+from .frame import check_ids, check_w, nonfinite_error
+from .framefile import (
+    FRAME_KEYS,
+    KEY_CENTROID,
+    KEY_EIGENVALUES,
+    KEY_EIGENVECTORS,
+    SIGN_CONVENTION,
+    TENSOR_HASHES,
+    parse_tensor_hashes,
+)
+from .io import SafetensorsFile, hash_tensor
 
 # Tolerances, relative to lambda_1 unless said otherwise. A correct fp32 frame sits orders of
 # magnitude below them (residual ~5e-7, Rayleigh quotient ~1e-7, orthogonality ~1e-6).
@@ -85,6 +93,9 @@ def check_frame_tensors(path: object, f: SafetensorsFile) -> tuple[torch.Tensor,
         raise _fail(path, f"{KEY_CENTROID} has shape {list(c_shape)}, expected ({d},)")
     if v_shape != (d, d):
         raise _fail(path, f"{KEY_EIGENVECTORS} has shape {list(v_shape)}, expected ({d}, {d})")
+    end = max(f.entries[k][3] for k in FRAME_KEYS)
+    if f.data_size > end:
+        raise _fail(path, f"{f.data_size - end} unexpected byte(s) after the last tensor (appended data)")
     tensors = tuple(f.tensor(k) for k in FRAME_KEYS)
     for k, t in zip(FRAME_KEYS, tensors):
         bad = ~torch.isfinite(t)
@@ -100,15 +111,25 @@ def verify_frame(
     ids: torch.Tensor | None = None,
     *,
     seed: int = 0,
+    w_name: str = "W",
+    ids_name: str = "cluster ids",
 ) -> VerifyResult:
     """Check a frame file; raise VerificationError with a one-line reason on the first failure.
 
     Always: exactly the seed's keys, float32, shapes (d,), (d,), (d, d), all finite, eigenvalues
     descending and non-negative, eigenvectors orthonormal. With W: the eigenpairs satisfy
     Wc^T Wc v / N = lambda v (leading pairs, Rayleigh quotients, random probes, trace). With ids:
-    the centroid equals the mean of W[ids].
+    the centroid equals the mean of W[ids]. Last, the checksums of the tensors recorded in the
+    metadata (`tensor_hashes`), so any damage after writing is caught even without W.
+
+    A frame file that is not well-formed safetensors (truncated, corrupted header) raises
+    VerificationError; a missing or unreadable one raises InputError. A malformed W or ids raise
+    InputError / ClusterIdsError / NonFiniteError, named by w_name / ids_name.
     """
-    f = SafetensorsFile(path)
+    try:
+        f = SafetensorsFile(path)
+    except FileFormatError as exc:
+        raise VerificationError(str(exc)) from None
     centroid, evals, evecs = check_frame_tensors(path, f)
     d = evals.shape[0]
     res = VerifyResult(d=d)
@@ -136,33 +157,62 @@ def verify_frame(
     V = evecs.to(torch.float64)
     ortho = float((V.T @ V - torch.eye(d, dtype=torch.float64)).abs().max())
     res.stats["orthonormality"] = ortho
-    if ortho > TOL_ORTHO:
+    if not ortho <= TOL_ORTHO:
         raise _fail(path, f"eigenvectors are not orthonormal: max |V^T V - I| = {ortho:.3g} > {TOL_ORTHO:g}")
     res.checks.append(f"eigenvectors orthonormal (max |V^T V - I| = {ortho:.2e})")
 
+    if f.metadata.get("eigenvector_signs") == SIGN_CONVENTION:
+        idx = evecs.abs().argmax(dim=0)
+        lead = evecs.gather(0, idx.unsqueeze(0)).squeeze(0)
+        neg = (lead < 0).nonzero()
+        if neg.numel():
+            i = int(neg[0, 0])
+            raise _fail(
+                path,
+                f"eigenvector {i} breaks the file's sign convention (its largest-magnitude component "
+                f"W_eigenvectors[{int(idx[i])}, {i}] = {float(lead[i]):.6g} is negative)",
+            )
+        res.checks.append("eigenvector signs follow the convention")
+
     if W is not None:
-        check_w(W)
+        check_w(W, w_name)
         if W.shape[1] != d:
-            raise _fail(path, f"W has d = {W.shape[1]} columns, the frame has d = {d}")
+            raise _fail(path, f"{w_name} has d = {W.shape[1]} columns, the frame has d = {d}")
         n_meta = f.metadata.get("n_tokens", "")
-        if n_meta.isdigit() and int(n_meta) != W.shape[0]:
-            raise _fail(path, f"W has N = {W.shape[0]} rows, the frame was built from N = {n_meta}")
-        _check_maths(path, W, lam, V, scale, res, seed)
+        if n_meta.isascii() and n_meta.isdigit() and int(n_meta) != W.shape[0]:
+            raise _fail(path, f"{w_name} has N = {W.shape[0]} rows, the frame was built from N = {n_meta}")
+        _check_maths(path, W, lam, V, scale, res, seed, w_name)
 
     if ids is not None:
         if W is None:
             raise VerificationError(f"{path}: checking the centroid needs W as well as the cluster ids")
-        ids64 = check_ids(ids, W.shape[0])
-        c64 = W[ids64].to(torch.float64).mean(dim=0).cpu()
+        ids64 = check_ids(ids, W.shape[0], ids_name)
+        c64 = W[ids64.to(W.device)].to(torch.float64).mean(dim=0).cpu()
         err = float((centroid.to(torch.float64) - c64).norm() / max(float(c64.norm()), 1e-300))
         res.stats["centroid"] = err
-        if err > TOL_CENTROID:
+        if not err <= TOL_CENTROID:
             raise _fail(
                 path,
                 f"{KEY_CENTROID} differs from the mean of W[ids] over {ids64.numel()} ids "
                 f"(relative error {err:.3g} > {TOL_CENTROID:g})",
             )
         res.checks.append(f"centroid = mean of W[ids] over {ids64.numel()} ids (relative error {err:.2e})")
+
+    recorded = f.metadata.get(TENSOR_HASHES)
+    if recorded is not None:
+        hashes = parse_tensor_hashes(recorded)
+        if hashes is None or set(hashes) != set(FRAME_KEYS):
+            raise _fail(
+                path, f"metadata {TENSOR_HASHES!r} is malformed (expected key=xxh3_128:... for each tensor)"
+            )
+        for k, t in zip(FRAME_KEYS, (centroid, evals, evecs)):
+            if hash_tensor(t) != hashes[k]:
+                raise _fail(
+                    path,
+                    f"{k} does not match the checksum recorded when the file was written "
+                    "(changed or damaged since)",
+                )
+        res.checks.append("tensor checksums match the ones recorded at write time")
     return res
 
 
@@ -174,6 +224,7 @@ def _check_maths(
     scale: float,
     res: VerifyResult,
     seed: int,
+    w_name: str = "W",
 ) -> None:
     d = lam.shape[0]
     k = min(LEADING, d)
@@ -182,14 +233,19 @@ def _check_maths(
     R /= R.norm(dim=0, keepdim=True)
     P = torch.cat([V[:, :k], R], dim=1)
 
-    CP, trace = covariance_apply(W, P, column_mean64(W))
+    mean64 = column_mean64(W)
+    if not bool(torch.isfinite(mean64).all()):
+        raise nonfinite_error(W, w_name)
+    CP, trace = covariance_apply(W, P, mean64)
     CP = CP.cpu()
+    if not (bool(torch.isfinite(CP).all()) and trace == trace and abs(trace) != float("inf")):
+        raise nonfinite_error(W, w_name)
 
     CV = CP[:, :k]
     residual = (CV - V[:, :k] * lam[:k]).norm(dim=0) / scale
     worst = int(torch.argmax(residual))
     res.stats["residual"] = float(residual[worst])
-    if float(residual[worst]) > TOL_RESIDUAL:
+    if not float(residual[worst]) <= TOL_RESIDUAL:
         raise _fail(
             path,
             f"eigenpair {worst} does not satisfy C v = lambda v: ||C v - lambda v|| / lambda_1 = "
@@ -199,7 +255,7 @@ def _check_maths(
     rq_err = (rq - lam[:k]).abs() / scale
     worst = int(torch.argmax(rq_err))
     res.stats["rayleigh"] = float(rq_err[worst])
-    if float(rq_err[worst]) > TOL_RAYLEIGH:
+    if not float(rq_err[worst]) <= TOL_RAYLEIGH:
         raise _fail(
             path,
             f"W_eigenvalues[{worst}] = {float(lam[worst]):.6g} but v^T C v = {float(rq[worst]):.6g} "
@@ -212,14 +268,14 @@ def _check_maths(
     recon = V @ (lam.unsqueeze(1) * (V.T @ R))
     probe = float((CP[:, k:] - recon).norm(dim=0).max()) / scale
     res.stats["probe"] = probe
-    if probe > TOL_PROBE:
+    if not probe <= TOL_PROBE:
         raise _fail(
             path,
             f"V diag(lambda) V^T differs from the covariance of W along random directions ({probe:.3g} lambda_1)",
         )
     trace_err = abs(float(lam.sum()) - trace) / max(trace, 1e-300)
     res.stats["trace"] = trace_err
-    if trace_err > TOL_TRACE:
+    if not trace_err <= TOL_TRACE:
         raise _fail(
             path,
             f"sum of eigenvalues {float(lam.sum()):.6g} differs from the total variance of W {trace:.6g}",

@@ -1,0 +1,345 @@
+"""`refframe build`: one or several models, one or several clusters each, with the PCA cache.
+
+Models: each --model-dir DIR (the seed layout), each --checkpoint DIR (a Hugging Face safetensors
+checkpoint), or one --W FILE. Clusters: every --cluster FILE (default for a model folder: its
+1.4h_cluster_tokens.safetensors); a file holding several 1-D integer tensors (and no
+`cluster_token_ids`) gives one cluster per tensor, named by its key; otherwise a cluster is named by
+its file's stem. Outputs:
+
+- one model, one cluster: --out FILE, else OUT_DIR/1.6a_cluster_reference_frame.safetensors (OUT_DIR:
+  --out-dir, else the model folder), as before;
+- several clusters: OUT_DIR/1.6a_cluster_reference_frame.<cluster>.safetensors;
+- several models: each model's own folder, or with --out-dir D, D/<model name>/.
+
+Everything that can be checked before the work starts is checked first, for every model: the output
+paths, W's file, key, shape and dtype, the ids, the backend and device; then each model is built
+(memory check, hash, PCA or cache hit, centroids in one pass) and its frames are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from . import cli as _cli
+from .cache import PCACache, cache_disabled_by_env
+from .checkpoint import CheckpointMatrix, is_checkpoint_dir, locate
+from .cli import EIGH_DTYPES, _mb, report_frame, say
+from .errors import InputError, OutputError
+from .frame import check_ids, check_w, plan
+from .io import SafetensorsFile, check_output_path
+from .multi import build_validated, frame_path, save_frames
+from .ops import native_status
+from .progress import Progress
+from .sources import CLUSTER_FILENAME, CLUSTER_KEY, W_FILENAME, load_ids, load_w, seed_paths
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
+
+
+def cluster_name(text: str) -> str:
+    """A cluster name usable in a file name: other characters become '_'."""
+    name = _SAFE.sub("_", text).strip(".")
+    return name or "cluster"
+
+
+@dataclass
+class Job:
+    """One model to build."""
+
+    name: str
+    w_path: Path
+    w_key: str | None
+    cluster_files: list[Path]
+    out: Path | None
+    out_dir: Path | None
+    create_out_dir: bool = False
+    checkpoint: CheckpointMatrix | None = None
+    # filled in by prepare()
+    W: torch.Tensor | None = None
+    w_name: str = ""
+    key: str = ""
+    clusters: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    t_load: float = 0.0
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        return (self.w_path, *self.cluster_files)
+
+
+def resolve_jobs(args: argparse.Namespace) -> list[Job]:
+    """The models named on the command line, with their inputs and where their frames go."""
+    model_dirs = [Path(d) for d in (args.model_dir or [])]
+    ckpts = [Path(c) for c in (args.checkpoint or [])]
+    clusters = [Path(c) for c in (args.cluster or [])]
+    out = Path(args.out) if args.out else None
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if args.w and ckpts:
+        raise InputError("--W and --checkpoint both name W; give one of them")
+    if args.w and len(model_dirs) > 1:
+        raise InputError("--W replaces the W of one --model-dir; it cannot go with several")
+    n_models = len(model_dirs) + len(ckpts) + (1 if args.w and not model_dirs else 0)
+    if n_models == 0:
+        raise InputError("no input: give --model-dir DIR, --checkpoint DIR, or --W FILE (and --cluster FILE)")
+    several = n_models > 1
+    if several and out is not None:
+        raise InputError(
+            f"--out names one file, but {n_models} models are given: use --out-dir DIR (each model writes "
+            "to DIR/<model name>/) or no --out (each model folder gets its frames)"
+        )
+    if several and args.model_name:
+        raise InputError("--model-name names one model; with several, each is named after its folder")
+    if out is not None and out_dir is not None:
+        raise InputError("give --out FILE or --out-dir DIR, not both")
+
+    jobs: list[Job] = []
+    for d in model_dirs:
+        paths = seed_paths(d, args.w, None, None, args.model_name)
+        if not args.w and not paths.w.exists() and is_checkpoint_dir(d):
+            raise InputError(
+                f"{d}: no {W_FILENAME}, but it holds a Hugging Face checkpoint: use --checkpoint {d}"
+            )
+        jobs.append(
+            Job(
+                name=paths.model_name,
+                w_path=paths.w,
+                w_key=args.w_key,
+                cluster_files=clusters or [d / CLUSTER_FILENAME],
+                out=out,
+                out_dir=(out_dir / paths.model_name if several else out_dir) if out_dir else d,
+                create_out_dir=out_dir is not None,
+            )
+        )
+    for c in ckpts:
+        where = locate(c, args.w_key)
+        if not clusters:
+            raise InputError(f"{c}: a checkpoint holds no cluster ids; give --cluster FILE")
+        if out is None and out_dir is None:
+            raise InputError(
+                f"{c}: give --out-dir DIR (or --out FILE) for the frames of a checkpoint; nothing is "
+                "written into the checkpoint folder"
+            )
+        name = args.model_name or where.model_name
+        jobs.append(
+            Job(
+                name=name,
+                w_path=where.path,
+                w_key=where.key,
+                cluster_files=clusters,
+                out=out,
+                out_dir=(out_dir / cluster_name(name) if several else out_dir) if out_dir else None,
+                create_out_dir=True,
+                checkpoint=where,
+            )
+        )
+    if args.w and not model_dirs:
+        paths = seed_paths(None, args.w, None, None, args.model_name)
+        if not clusters:
+            raise InputError("no cluster ids: give --cluster FILE (or --model-dir DIR)")
+        if out is None and out_dir is None:
+            raise InputError("no output path: give --out FILE or --out-dir DIR (or --model-dir DIR)")
+        jobs.append(
+            Job(
+                name=paths.model_name,
+                w_path=paths.w,
+                w_key=args.w_key,
+                cluster_files=clusters,
+                out=out,
+                out_dir=out_dir,
+                create_out_dir=True,
+            )
+        )
+    if several and out_dir is not None:
+        seen: dict[Path, str] = {}
+        for j in jobs:
+            assert j.out_dir is not None
+            if j.out_dir in seen:
+                raise InputError(
+                    f"two models are both named {j.name!r}; with --out-dir each writes to DIR/<model name>/, "
+                    "so build them in separate commands"
+                )
+            seen[j.out_dir] = j.name
+    return jobs
+
+
+def read_clusters(
+    files: list[Path], key: str | None, n: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """{name: checked int64 ids} and {name: 'file:key'} from the cluster files."""
+    found: list[tuple[str, torch.Tensor, str]] = []
+    for p in files:
+        if key is None:
+            f = SafetensorsFile(p)
+            cands = [
+                k
+                for k in f.keys()
+                if (lambda dt, sh: not dt.is_floating_point and dt != torch.bool and len(sh) == 1)(*f.info(k))
+            ]
+            if CLUSTER_KEY not in f.entries and len(cands) > 1:
+                found += [(k, f.tensor(k), f"{p}:{k}") for k in cands]
+                continue
+        ids, ck = load_ids(p, key)
+        found.append((p.name.removesuffix(".safetensors"), ids, f"{p}:{ck}"))
+    clusters: dict[str, torch.Tensor] = {}
+    labels: dict[str, str] = {}
+    for raw_name, ids, label in found:
+        name = cluster_name(raw_name)
+        if name in clusters:
+            raise InputError(
+                f"two clusters are named {name!r} ({labels[name]} and {label}); frames are named after "
+                "their cluster, so rename one file or key"
+            )
+        clusters[name] = check_ids(ids, n, label)
+        labels[name] = label
+    return clusters, labels
+
+
+def _check_out_dir(d: Path, create: bool) -> None:
+    if d.exists():
+        if not d.is_dir():
+            raise OutputError(f"{d}: output directory is not a directory")
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise OutputError(f"{d}: output directory is not writable")
+        return
+    if not create:
+        raise OutputError(f"{d}: output directory does not exist")
+    parent = d.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{d}: output directory cannot be created ({parent} is not a writable directory)")
+
+
+def prepare(job: Job, args: argparse.Namespace) -> None:
+    """Open and check everything of one model; raises before any work starts."""
+    if job.out is not None:
+        check_output_path(job.out, inputs=job.inputs)
+    elif job.out_dir is not None:
+        _check_out_dir(job.out_dir, job.create_out_dir)
+    t0 = time.perf_counter()
+    if job.checkpoint is not None:
+        job.W, job.key = SafetensorsFile(job.w_path).tensor(job.checkpoint.key), job.checkpoint.key
+    else:
+        job.W, job.key = load_w(job.w_path, job.w_key)
+    job.w_name = f"{job.w_path}:{job.key}"
+    check_w(job.W, job.w_name)
+    job.clusters, _labels = read_clusters(job.cluster_files, args.cluster_key, int(job.W.shape[0]))
+    several = len(job.clusters) > 1
+    if several and job.out is not None:
+        raise InputError(
+            f"--out names one file, but there are {len(job.clusters)} clusters ({', '.join(job.clusters)}): "
+            "give --out-dir DIR; each frame goes to DIR/1.6a_cluster_reference_frame.<cluster>.safetensors"
+        )
+    if job.out is not None:
+        job.outputs = {next(iter(job.clusters)): job.out}
+    else:
+        if job.out_dir is None:
+            raise InputError("no output path: give --out FILE or --out-dir DIR (or --model-dir DIR)")
+        job.outputs = {k: frame_path(job.out_dir, k if several else None) for k in job.clusters}
+        if job.out_dir.is_dir():
+            for p in job.outputs.values():
+                check_output_path(p, inputs=job.inputs)
+    plan(job.W, args.backend, args.device, job.w_name)
+    job.t_load = time.perf_counter() - t0
+
+
+def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress: Progress) -> dict:
+    """Build and save one model's frames; print the report and the stage times."""
+    W = job.W
+    assert W is not None
+    n, d = W.shape
+    dtype = str(W.dtype).removeprefix("torch.")
+    src = f"{job.w_path}" + (f" ({job.key})" if job.checkpoint is not None else "")
+    if job.checkpoint is not None and job.checkpoint.tied:
+        src += ", tied embeddings: the checkpoint has no lm_head.weight"
+    say(f"Loaded W: {tuple(W.shape)} {dtype} from {src}")
+    sizes = [int(v.numel()) for v in job.clusters.values()]
+    if len(sizes) == 1:
+        say(f"  {n:,} tokens in {d:,} dimensions; {sizes[0]:,} cluster tokens")
+    else:
+        say(
+            f"  {n:,} tokens in {d:,} dimensions; {len(sizes)} clusters of {min(sizes):,} to {max(sizes):,} tokens"
+        )
+    res = build_validated(
+        W,
+        job.clusters,
+        backend=args.backend,
+        device=args.device,
+        eigh_dtype=EIGH_DTYPES[args.eigh_dtype],
+        cache=cache,
+        source=(job.w_path, job.key),
+        name=job.w_name,
+        force=args.force,
+        progress=progress,
+        log=say,
+        hash_fn=lambda t, **kw: _cli.hash_tensor(t, **kw),  # looked up at call time: tests hook it
+    )
+    frames = res.frames
+    if len(frames) == 1:
+        report_frame(next(iter(frames.values())))
+    else:
+        say("")
+        for line in next(iter(frames.values())).variance_report().lines():
+            say(line)
+        say("")
+        for cname, fr in frames.items():
+            c = fr.centroid
+            say(
+                f"✓ Cluster {cname}: centroid of {fr.cluster_size:,} tokens, norm {float(torch.linalg.vector_norm(c)):.6f}"
+            )
+    t0 = time.perf_counter()
+    if job.out_dir is not None and job.out is None:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+    paths = save_frames(
+        [(frames[k], job.outputs[k]) for k in frames],
+        model_name=job.name,
+        source_dtype=dtype,
+        w_hash=res.w_hash,
+        inputs=job.inputs,
+    )
+    t_save = time.perf_counter() - t0
+    say("")
+    if len(paths) == 1:
+        say(f"✓ Saved to {paths[0]}")
+        say(f"  Size: {_mb(paths[0].stat().st_size)}")
+    else:
+        say(
+            f"✓ Saved {len(paths)} frames ({_mb(sum(p.stat().st_size for p in paths))}) to {paths[0].parent}:"
+        )
+        for p in paths:
+            say(f"  {p.name}")
+    stages = {"load": job.t_load, **res.timings, "save": t_save}
+    say(
+        "Stage times: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+        + f"; total {sum(stages.values()):.2f} s"
+        + (f" (PCA cache {res.cache})" if res.cache != "off" else "")
+    )
+    return stages
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    jobs = resolve_jobs(args)
+    for job in jobs:
+        prepare(job, args)
+    outs = [p for j in jobs for p in j.outputs.values()]
+    if len({str(p.resolve()) if p.parent.exists() else str(p) for p in outs}) != len(outs):
+        raise InputError("two frames would be written to the same file; give each model its own --out-dir")
+    use_cache = not (args.no_cache or (cache_disabled_by_env() and not args.cache_dir))
+    cache = PCACache(args.cache_dir) if use_cache else None
+    progress = Progress()
+    say(f"refframe {__version__}: {native_status()}")
+    for i, job in enumerate(jobs, 1):
+        if len(jobs) > 1:
+            say("")
+            say(f"== Model {i}/{len(jobs)}: {job.name} ==")
+        run_job(job, args, cache, progress)
+        job.W = None  # unmap this model's W before the next one
+    return 0

@@ -1,0 +1,168 @@
+"""W straight from a Hugging Face style safetensors checkpoint folder, memory-mapped.
+
+A checkpoint is either one `model.safetensors` or shards listed in `model.safetensors.index.json`,
+whose "weight_map" says which shard file holds which tensor. The unembedding matrix is
+`lm_head.weight`; a model with tied embeddings stores only `model.embed_tokens.weight`, which is then
+used (both are (vocab, hidden), the orientation of W). `key=` (CLI: --W-key) picks any other tensor.
+Only the header of the one shard that holds the tensor is parsed and only that tensor is mapped: the
+rest of the model is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, InputError, KeyNotFoundError
+from .io import SafetensorsFile, key_list, short_repr
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LM_HEAD = "lm_head.weight"
+EMBED_TOKENS = "model.embed_tokens.weight"
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class CheckpointMatrix:
+    """Where the matrix lives: the (shard) file, the tensor key, and how it was chosen."""
+
+    directory: Path
+    path: Path  # the safetensors file holding the tensor
+    key: str
+    tied: bool  # True when the input embedding stands in for a missing lm_head
+    model_name: str
+    sharded: bool
+
+
+def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+    p = Path(path)
+    return (p / INDEX_FILE).is_file() or (p / SINGLE_FILE).is_file()
+
+
+def model_name_of(directory: Path) -> str:
+    """The folder's name; for a Hugging Face hub cache snapshot (models--ORG--NAME/snapshots/SHA),
+    ORG--NAME."""
+    d = directory.resolve() if directory.exists() else directory
+    parts = d.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--")
+    return d.name
+
+
+def _choose_key(keys: list[str], key: str | None, where: str) -> tuple[str, bool]:
+    """(key, tied): the explicit key, else lm_head.weight, else model.embed_tokens.weight, else a
+    unique key ending in one of them (e.g. a multimodal model's language_model.lm_head.weight)."""
+    have = set(keys)
+    if key is not None:
+        if key not in have:
+            raise KeyNotFoundError(
+                f"{where}: key {short_repr(key)} not found (keys present: {key_list(keys)})"
+            )
+        return key, False
+    for name, tied in ((LM_HEAD, False), (EMBED_TOKENS, True)):
+        if name in have:
+            return name, tied
+    for name, tied in ((LM_HEAD, False), ("embed_tokens.weight", True)):
+        ends = [k for k in keys if k.endswith("." + name) or k == name]
+        if len(ends) == 1:
+            return ends[0], tied
+        if len(ends) > 1:
+            raise KeyNotFoundError(
+                f"{where}: no {LM_HEAD} or {EMBED_TOKENS}, and several keys end in {name}: "
+                f"{key_list(ends)}; choose one with --W-key"
+            )
+    hints = [k for k in keys if any(s in k for s in ("lm_head", "embed", "wte", "output"))]
+    raise KeyNotFoundError(
+        f"{where}: neither {LM_HEAD} nor {EMBED_TOKENS} (tied embeddings) found; choose the matrix with "
+        f"--W-key (candidates: {key_list(hints or keys, limit=8)})"
+    )
+
+
+def _read_index(directory: Path) -> dict[str, str]:
+    p = directory / INDEX_FILE
+    try:
+        size = p.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"{p}: too large for a checkpoint index ({size} bytes)")
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{p}: not a valid checkpoint index (not JSON)") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise CheckpointError(
+            f'{p}: not a valid checkpoint index (no "weight_map" of tensor name -> shard file)'
+        )
+    if not wm:
+        raise CheckpointError(f"{p}: the index lists no tensors")
+    return wm
+
+
+def _shard_path(directory: Path, shard: str, key: str) -> Path:
+    # A shard name is a plain file name inside the checkpoint folder, never a path to follow.
+    if not shard or shard in (".", "..") or "/" in shard or "\\" in shard or "\0" in shard:
+        raise CheckpointError(
+            f"{directory / INDEX_FILE}: shard name {short_repr(shard)} for {short_repr(key)} is not a "
+            "file name in the checkpoint folder"
+        )
+    p = directory / shard
+    if not p.exists():
+        raise CheckpointError(
+            f"{p}: missing shard (model.safetensors.index.json puts {short_repr(key)} there); "
+            "the checkpoint download is incomplete"
+        )
+    return p
+
+
+def locate(directory: str | os.PathLike[str], key: str | None = None) -> CheckpointMatrix:
+    """Find the unembedding matrix (or `key`) in a checkpoint folder, reading only headers."""
+    d = Path(directory)
+    if not d.exists():
+        raise InputError(f"{d}: checkpoint folder does not exist")
+    if not d.is_dir():
+        raise InputError(f"{d}: not a directory (--checkpoint expects a Hugging Face model folder)")
+    name = model_name_of(d)
+    if (d / INDEX_FILE).exists():
+        wm = _read_index(d)
+        k, tied = _choose_key(list(wm), key, str(d / INDEX_FILE))
+        path = _shard_path(d, wm[k], k)
+        f = SafetensorsFile(path)
+        if k not in f.entries:
+            raise KeyNotFoundError(
+                f"{path}: key {short_repr(k)} not found although {INDEX_FILE} puts it in this shard "
+                f"(keys present: {key_list(f.keys())})"
+            )
+        return CheckpointMatrix(d, path, k, tied, name, True)
+    if (d / SINGLE_FILE).exists():
+        path = d / SINGLE_FILE
+        f = SafetensorsFile(path)
+        k, tied = _choose_key(f.keys(), key, str(path))
+        return CheckpointMatrix(d, path, k, tied, name, False)
+    others = sorted(p.name for p in d.glob("*.safetensors"))
+    torch_bins = sorted(p.name for p in d.glob("*.bin"))
+    if others:
+        hint = f"found {key_list(others, limit=5)} but no {INDEX_FILE}; pass a file with --W FILE --W-key KEY"
+    elif torch_bins:
+        hint = (
+            f"found only {key_list(torch_bins, limit=5)}: only safetensors checkpoints are read (no pickle)"
+        )
+    else:
+        hint = "no safetensors files in it"
+    raise CheckpointError(f"{d}: not a safetensors checkpoint: no {SINGLE_FILE} or {INDEX_FILE} ({hint})")
+
+
+def load_checkpoint_w(
+    directory: str | os.PathLike[str], key: str | None = None
+) -> tuple[torch.Tensor, CheckpointMatrix]:
+    """The matrix as a memory-mapped tensor (nothing else of the model is read), and where it is."""
+    where = locate(directory, key)
+    W = SafetensorsFile(where.path).tensor(where.key)
+    return W, where

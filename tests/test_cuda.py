@@ -1,0 +1,196 @@
+"""CUDA kernels against float64 and against the CPU kernels: awkward shapes, all dtypes, strided input.
+
+Runs only where torch sees a CUDA device and refframe was built with its CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import refframe
+from conftest import DTYPES, cov64, make_w, rel_fro
+from refframe import ops
+
+CUDA = torch.device("cuda")
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and ops.native_supports(CUDA)),
+        reason="needs a CUDA device and refframe built with its CUDA kernels",
+    ),
+]
+
+# Around the 128 x 128 tile and the 16-row step; N < d; one row or one column; enough rows for
+# several row splits of the covariance kernel and several pieces of the gather kernel.
+SHAPES = [
+    (1, 1),
+    (1, 7),
+    (2, 1),
+    (7, 1),
+    (3, 100),
+    (50, 200),
+    (129, 257),
+    (300, 130),
+    (1000, 128),
+    (517, 300),
+    (2049, 64),
+    (4100, 136),
+]
+
+# Views of a (700, 400) matrix: each reads W through a different stride or alignment.
+VIEWS = {
+    "column stride 3": lambda B: B[::2, 1::3],
+    "row stride 400": lambda B: B[:, 8:264],
+    "misaligned start": lambda B: B[:, 1:257],
+    "column-major": lambda B: B[:300, :64].T.contiguous().T,
+}
+
+
+def center_syrk(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.refframe.center_syrk(W)
+
+
+def check_covariance(W: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    """Exact fp64 mean; covariance within 1e-7 relative Frobenius of float64, exactly symmetric."""
+    d = W.shape[1]
+    assert mean.dtype == torch.float64 and cov.dtype == torch.float32
+    assert mean.shape == (d,) and cov.shape == (d, d)
+    mean, cov = mean.cpu(), cov.cpu()
+    assert torch.equal(cov, cov.T)
+    mu64, c64 = cov64(W.cpu())
+    assert float((mean - mu64).abs().max()) <= 1e-12 * max(1.0, float(mu64.abs().max()))
+    if W.shape[0] == 1:
+        assert float(cov.abs().max()) == 0.0
+    else:
+        assert rel_fro(cov, c64) <= 1e-7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_center_syrk_cuda_matches_float64(dtype, shape, offset):
+    W = make_w(*shape, dtype, offset_sigmas=offset).to(CUDA)
+    mean, cov = center_syrk(W)
+    assert mean.device == W.device and cov.device == W.device
+    check_covariance(W, mean, cov)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_center_syrk_cuda_strided(dtype, view):
+    W = VIEWS[view](make_w(700, 400, dtype, offset_sigmas=50.0).to(CUDA))
+    mean, cov = center_syrk(W)
+    check_covariance(W, mean, cov)
+    # The strided and the vector loads do the same arithmetic: same bits as on a contiguous copy.
+    mean_c, cov_c = center_syrk(W.contiguous())
+    assert torch.equal(mean, mean_c) and torch.equal(cov, cov_c)
+
+
+def test_center_syrk_cuda_is_deterministic():
+    W = make_w(5000, 300, torch.bfloat16, offset_sigmas=50.0).to(CUDA)
+    first = center_syrk(W)
+    for _ in range(3):
+        again = center_syrk(W)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_center_syrk_cuda_agrees_with_cpu(dtype):
+    W = make_w(3000, 200, dtype, offset_sigmas=50.0)
+    mean_cpu, cov_cpu = center_syrk(W)
+    mean_gpu, cov_gpu = center_syrk(W.to(CUDA))
+    torch.testing.assert_close(mean_gpu.cpu(), mean_cpu, rtol=1e-14, atol=0.0)
+    assert rel_fro(cov_gpu.cpu(), cov_cpu) <= 2e-7
+
+
+def reference_means(W: torch.Tensor, ids: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    X = W.cpu().to(torch.float64)
+    ids = ids.cpu().long()
+    return torch.stack([X[ids[a:b]].mean(dim=0) for a, b in zip(offsets[:-1], offsets[1:])])
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got = got.cpu().to(torch.float64).reshape(ref.shape)
+    return float(((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("id_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("shape, count", [((200, 1), 5), ((250, 130), 1), ((250, 257), 100), ((250, 64), 5000)])
+def test_gather_mean_cuda_matches_float64(dtype, id_dtype, shape, count):
+    g = torch.Generator().manual_seed(count)
+    W = make_w(*shape, dtype, offset_sigmas=50.0).to(CUDA)
+    ids = torch.randint(0, shape[0], (count,), generator=g).to(id_dtype)
+    got = torch.ops.refframe.gather_mean(W, ids.to(CUDA))
+    assert got.dtype == torch.float32 and got.shape == (shape[1],) and got.device == W.device
+    assert max_rel_err(got, reference_means(W, ids, [0, count])) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offsets", [[0, 3, 4, 10], [0, 1, 2050, 2100, 9000], [0, 9000]])
+def test_segment_mean_cuda_matches_float64(dtype, offsets):
+    g = torch.Generator().manual_seed(len(offsets))
+    W = make_w(5000, 70, dtype, offset_sigmas=50.0).to(CUDA)
+    ids = torch.randint(0, 5000, (offsets[-1],), generator=g)
+    got = torch.ops.refframe.segment_mean(W, ids.to(CUDA), torch.tensor(offsets, device=CUDA))
+    assert got.shape == (len(offsets) - 1, 70)
+    assert max_rel_err(got, reference_means(W, ids, offsets)) <= 1e-6
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_gather_mean_cuda_strided(view):
+    W = VIEWS[view](make_w(700, 400, torch.bfloat16, offset_sigmas=50.0).to(CUDA))
+    ids = torch.randint(0, W.shape[0], (3000,), generator=torch.Generator().manual_seed(1))
+    got = torch.ops.refframe.gather_mean(W, ids.to(CUDA))
+    assert max_rel_err(got, reference_means(W, ids, [0, 3000])) <= 1e-6
+    assert torch.equal(got, torch.ops.refframe.gather_mean(W.contiguous(), ids.to(CUDA)))
+
+
+def test_cuda_ops_reject_ids_on_another_device():
+    W = make_w(10, 4, torch.float32).to(CUDA)
+    with pytest.raises(RuntimeError, match="must be on W's device"):
+        torch.ops.refframe.gather_mean(W, torch.tensor([1, 2]))
+
+
+def opcheck_cases():
+    W = make_w(300, 130, torch.bfloat16, offset_sigmas=50.0).to(CUDA)
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2)).to(CUDA)
+    offsets = torch.tensor([0, 10, 40], device=CUDA)
+    return {
+        "center_syrk": (torch.ops.refframe.center_syrk.default, (W,)),
+        "gather_mean": (torch.ops.refframe.gather_mean.default, (W, ids)),
+        "segment_mean": (torch.ops.refframe.segment_mean.default, (W, ids, offsets)),
+    }
+
+
+@pytest.mark.parametrize("op", ["center_syrk", "gather_mean", "segment_mean"])
+def test_opcheck_cuda(op):
+    fn, args = opcheck_cases()[op]
+    torch.library.opcheck(fn, args)
+
+
+@pytest.mark.skipif(not hasattr(refframe, "build_frame"), reason="refframe.build_frame not available")
+def test_build_frame_cuda_matches_cpu():
+    W = make_w(3000, 96, torch.bfloat16, offset_sigmas=50.0)
+    ids = torch.randperm(3000, generator=torch.Generator().manual_seed(3))[:300]
+    gpu = refframe.build_frame(W.to(CUDA), ids, backend="native", device="cuda")
+    cpu = refframe.build_frame(W, ids, backend="native", device="cpu")
+
+    _, c64 = cov64(W)
+    lam64 = torch.linalg.eigvalsh(c64).flip(0)
+    lam1 = float(lam64[0])
+    centroid64 = W.to(torch.float64)[ids].mean(dim=0)
+    eye = torch.eye(W.shape[1], dtype=torch.float64)
+    for frame in (gpu, cpu):
+        lam = frame.eigenvalues.cpu().to(torch.float64)
+        V = frame.eigenvectors.cpu().to(torch.float64)
+        assert float((lam - lam64).abs().max()) <= 5e-6 * lam1
+        assert float((c64 @ V - V * lam).norm(dim=0).max()) <= 2e-5 * lam1
+        assert float((V.T @ V - eye).abs().max()) <= 5e-5
+        assert max_rel_err(frame.centroid, centroid64) <= 1e-6
+    # The 8 planted directions stand far above the noise: both builds span the same subspace.
+    k = 8
+    overlap = torch.linalg.svdvals(gpu.eigenvectors[:, :k].cpu().double().T @ cpu.eigenvectors[:, :k].double())
+    assert float(overlap.min()) >= 1 - 1e-4
