@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import refframe
+import refframe.buildcmd as cli_mod
 import refframe.cache as cache_mod
-import refframe.cli as cli_mod
 import refframe.io as rio
 from conftest import make_w
 from refframe import RefframeWarning, ops

@@ -518,7 +518,7 @@ def test_too_large_for_memory_refused_before_any_work(model, capsys, monkeypatch
     def no_work(*args, **kwargs):
         raise AssertionError("no work may start before the memory check")
 
-    monkeypatch.setattr(refframe.cli, "hash_tensor", no_work)
+    monkeypatch.setattr(refframe.buildcmd, "hash_tensor", no_work)
     monkeypatch.setattr(refframe.ops, "covariance", no_work)
     err = expect_build_error(
         capsys,
@@ -888,7 +888,7 @@ def test_unexpected_exception_is_one_line_and_debug_shows_it(model, capsys, monk
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr(refframe.cli, "hash_tensor", bug)
+    monkeypatch.setattr(refframe.buildcmd, "hash_tensor", bug)
     rc, err = cli(capsys, *build_args(model))
     assert_one_line_error(rc, err, "unexpected ZeroDivisionError: division by zero", "--debug")
     with pytest.raises(ZeroDivisionError):

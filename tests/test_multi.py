@@ -17,8 +17,8 @@ import refframe.multi as multi
 from conftest import DTYPES, make_w, needs_native
 from refframe import ops
 from refframe.cli import main
+from refframe.io import save_tensors
 from refframe.progress import Progress
-from refframe.stwrite import save_tensors_nocopy
 
 N, D = 1200, 32
 FRAME = "1.6a_cluster_reference_frame.safetensors"
@@ -239,7 +239,7 @@ def test_nocopy_writer_matches_safetensors(tmp_path):
         "e": torch.zeros(0),
     }
     p = tmp_path / "x.safetensors"
-    save_tensors_nocopy(p, t, {"k": "v"})
+    save_tensors(p, t, {"k": "v"})
     got = load_file(p)
     assert sorted(got) == sorted(t)
     for k in t:

@@ -4,10 +4,10 @@
 // coalesced row reads); ids (L,) of any integer dtype and, for segment_mean, offsets (K+1,) on the
 // same device (converted to int64 once: they are small). Output: fp32 (d,) or (K, d).
 //
-// Index checks: looking at ids or offsets on the host would synchronise the stream, so the caller
-// validates them first (refframe.ops does). Inside the kernels an id outside [0, N) or offsets that
-// do not rise strictly from 0 to L trip a device-side assert, as torch's own indexing kernels do:
-// a bad index is never read silently.
+// Index checks: looking at ids or offsets on the host would synchronise the stream, so callers are
+// expected to validate them first (refframe.build_frame does, through check_ids). Inside the kernels
+// an id outside [0, N) or offsets that do not rise strictly from 0 to L trip a device-side assert,
+// as torch's own indexing kernels do: a bad index is never read silently.
 //
 // Every sum is fp64 in a fixed order (row lanes, then lanes, then pieces): bitwise deterministic.
 #include <ATen/ATen.h>

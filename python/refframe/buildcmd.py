@@ -28,17 +28,37 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from . import cli as _cli
 from .cache import PCACache, cache_disabled_by_env
 from .checkpoint import CheckpointMatrix, is_checkpoint_dir, locate
-from .cli import EIGH_DTYPES, _mb, report_frame, say
 from .errors import InputError, OutputError
-from .frame import check_ids, check_w, plan
-from .io import SafetensorsFile, check_output_path
+from .frame import Frame, check_ids, check_w, plan
+from .io import SafetensorsFile, check_output_path, hash_tensor
 from .multi import build_validated, frame_path, save_frames
 from .ops import native_status
 from .progress import Progress
 from .sources import CLUSTER_FILENAME, CLUSTER_KEY, W_FILENAME, load_ids, load_w, seed_paths
+
+EIGH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def say(*args: object) -> None:
+    print(*args, flush=True)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1024 / 1024:.1f} MB"
+
+
+def report_frame(frame: Frame) -> None:
+    """The seed's report: variance of the leading PCs, then the cluster centroid."""
+    say("")
+    for line in frame.variance_report().lines():
+        say(line)
+    c = frame.centroid
+    say("")
+    say(f"✓ Cluster centroid of {frame.cluster_size:,} tokens")
+    say(f"  Norm: {float(torch.linalg.vector_norm(c)):.6f}")
+    say(f"  First 10 components: {c[:10].numpy()}")
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 
@@ -279,7 +299,7 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
         force=args.force,
         progress=progress,
         log=say,
-        hash_fn=lambda t, **kw: _cli.hash_tensor(t, **kw),  # looked up at call time: tests hook it
+        hash_fn=lambda t, **kw: hash_tensor(t, **kw),  # looked up at call time: tests hook it
     )
     frames = res.frames
     if len(frames) == 1:

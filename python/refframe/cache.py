@@ -40,7 +40,7 @@ import xxhash
 
 from . import io as _io
 from .errors import RefframeError, RefframeWarning
-from .stwrite import save_tensors_nocopy
+from .io import save_tensors
 
 try:
     import fcntl
@@ -363,7 +363,7 @@ class PCACache:
                         return p  # another build wrote it meanwhile
                     except (RefframeError, OSError, ValueError, RuntimeError):
                         pass
-                save_tensors_nocopy(p, t, meta)
+                save_tensors(p, t, meta)
         except (OSError, RefframeError) as exc:
             _warn(
                 f"could not write the PCA cache entry in {self.dir} ({_why(exc)}); the build goes on without it"

@@ -10,27 +10,16 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from . import __version__
+from .buildcmd import EIGH_DTYPES, say
+from .buildcmd import cmd_build as build_models
 from .errors import InputError, OutputError, RefframeError, RefframeWarning
-from .frame import Frame, build_frame, check_ids, check_memory, check_w, plan
-from .framefile import save_frame
-from .io import check_output_path, hash_tensor, save_tensors
+from .framefile import DEFAULT_FILENAME
+from .io import save_tensors
 from .ops import native_status
 from .sources import CLUSTER_FILENAME, W_FILENAME, load_ids, load_w, seed_paths
 from .synthetic import SyntheticSpec, make_synthetic
 from .verify import verify_frame
-
-EIGH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def say(*args: object) -> None:
-    print(*args, flush=True)
-
-
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / 1024 / 1024:.1f} MB"
 
 
 def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -42,98 +31,6 @@ def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--cluster", **many, help="safetensors file holding the cluster token ids")
     p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W)")
     p.add_argument("--cluster-key", help="key of the ids in their file (default: cluster_token_ids)")
-
-
-def report_frame(frame: Frame) -> None:
-    say("")
-    for line in frame.variance_report().lines():
-        say(line)
-    c = frame.centroid
-    say("")
-    say(f"✓ Cluster centroid of {frame.cluster_size:,} tokens")
-    say(f"  Norm: {float(torch.linalg.vector_norm(c)):.6f}")
-    say(f"  First 10 components: {c[:10].numpy()}")
-
-
-def run_build(
-    w_path: Path,
-    ids_path: Path,
-    out: Path,
-    *,
-    w_key: str | None = None,
-    cluster_key: str | None = None,
-    model_name: str = "",
-    backend: str = "auto",
-    device: str = "auto",
-    eigh_dtype: str = "float32",
-    force: bool = False,
-) -> Frame:
-    """Load, build, save; print the seed's report and the time of each stage.
-
-    Everything that can be checked before the work starts is checked first, in this order: the
-    output path, W's file, key, shape and dtype, the ids, the backend and device, the memory needed.
-    """
-    check_output_path(out, inputs=(w_path, ids_path))
-    t0 = time.perf_counter()
-    W, wk = load_w(w_path, w_key)
-    w_name = f"{w_path}:{wk}"
-    check_w(W, w_name)
-    ids, ck = load_ids(ids_path, cluster_key)
-    ids_name = f"{ids_path}:{ck}"
-    ids = check_ids(ids, W.shape[0], ids_name)
-    used, dev = plan(W, backend, device, w_name)
-    check_memory(
-        W,
-        used,
-        dev,
-        name=w_name,
-        cluster_size=int(ids.numel()),
-        eigh_dtype=EIGH_DTYPES[eigh_dtype],
-        force=force,
-    )
-    t_load = time.perf_counter() - t0
-    n, d = W.shape
-    say(f"Loaded W: {tuple(W.shape)} {str(W.dtype).removeprefix('torch.')} from {w_path}")
-    say(f"  {n:,} tokens in {d:,} dimensions; {ids.numel():,} cluster tokens")
-    t0 = time.perf_counter()
-    w_hash = hash_tensor(W)
-    t_hash = time.perf_counter() - t0
-    say("Computing PCA...")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RefframeWarning)  # duplicate ids were reported above
-        frame = build_frame(
-            W,
-            ids,
-            backend=backend,
-            device=device,
-            eigh_dtype=EIGH_DTYPES[eigh_dtype],
-            name=w_name,
-            ids_name=ids_name,
-            force=True,  # checked above (or skipped on purpose)
-        )
-    say(f"✓ PCA computed (backend {frame.backend}, device {frame.device})")
-    report_frame(frame)
-    t0 = time.perf_counter()
-    save_frame(
-        frame,
-        out,
-        model_name=model_name,
-        source_dtype=str(W.dtype).removeprefix("torch."),
-        w_hash=w_hash,
-        inputs=(w_path, ids_path),
-    )
-    t_save = time.perf_counter() - t0
-    say("")
-    say(f"✓ Saved to {out}")
-    say(f"  Size: {_mb(out.stat().st_size)}")
-    stages = {"load": t_load, "hash": t_hash, **frame.timings, "save": t_save}
-    say(
-        "Stage times: "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
-        + f"; total {sum(stages.values()):.2f} s"
-    )
-    frame.timings = stages
-    return frame
 
 
 def run_verify(path: Path, w_path: Path | None, ids_path: Path | None, w_key=None, cluster_key=None) -> None:
@@ -153,32 +50,7 @@ def run_verify(path: Path, w_path: Path | None, ids_path: Path | None, w_key=Non
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .buildcmd import cmd_build as build_models  # several models / clusters, PCA cache
-
     return build_models(args)
-
-
-def cmd_build_one(args: argparse.Namespace) -> int:
-    """The single-model, single-cluster build without the PCA cache (superseded by buildcmd)."""
-    paths = seed_paths(args.model_dir, args.w, args.cluster, args.out, args.model_name)
-    if paths.cluster is None:
-        raise InputError("no cluster ids: give --cluster FILE (or --model-dir DIR)")
-    if paths.out is None:
-        raise InputError("no output path: give --out FILE (or --model-dir DIR)")
-    say(f"refframe {__version__}: {native_status()}")
-    run_build(
-        paths.w,
-        paths.cluster,
-        paths.out,
-        w_key=args.w_key,
-        cluster_key=args.cluster_key,
-        model_name=paths.model_name,
-        backend=args.backend,
-        device=args.device,
-        eigh_dtype=args.eigh_dtype,
-        force=args.force,
-    )
-    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -219,11 +91,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         save_tensors(ids_path, {"cluster_token_ids": ids})
         del W
         say(f"  done in {time.perf_counter() - t0:.1f} s")
-    out = model_dir / "1.6a_cluster_reference_frame.safetensors"
     say("")
-    run_build(w_path, ids_path, out, model_name=name, backend=args.backend, device=args.device)
+    build = ["build", "--model-dir", str(model_dir), "--backend", args.backend, "--device", args.device]
+    build_models(build_parser().parse_args(build))
     say("")
-    run_verify(out, w_path, ids_path)
+    run_verify(model_dir / DEFAULT_FILENAME, w_path, ids_path)
     return 0
 
 

@@ -47,9 +47,13 @@ def frame_metadata(
     return meta
 
 
-def tensor_hashes(tensors: dict[str, torch.Tensor]) -> str:
-    """The `tensor_hashes` metadata value: `key=xxh3_128:...` for each frame tensor, comma-separated."""
-    return ",".join(f"{k}={hash_tensor(tensors[k])}" for k in FRAME_KEYS if k in tensors)
+def frame_tensors(frame: Frame) -> dict[str, torch.Tensor]:
+    """The three tensors of the file, float32 on the CPU."""
+    return {
+        KEY_CENTROID: frame.centroid.detach().to("cpu", torch.float32).contiguous(),
+        KEY_EIGENVALUES: frame.eigenvalues.detach().to("cpu", torch.float32).contiguous(),
+        KEY_EIGENVECTORS: frame.eigenvectors.detach().to("cpu", torch.float32).contiguous(),
+    }
 
 
 def parse_tensor_hashes(value: str) -> dict[str, str] | None:
@@ -72,19 +76,18 @@ def save_frame(
     source_dtype: str = "",
     w_hash: str = "",
     inputs: Iterable[str | os.PathLike[str] | None] = (),
+    checksums: dict[str, str] | None = None,
 ) -> Path:
     """Write the frame atomically: the previous file at `path` survives any failure intact.
 
     `inputs`: files the frame was built from; writing over one of them is refused (OutputError).
-    The metadata records a checksum of each tensor (`tensor_hashes`) that verify_frame checks.
+    The metadata records a checksum of each tensor (`tensor_hashes`) that verify_frame checks;
+    `checksums` may hold some of them already computed (frames sharing one PCA share those).
     """
-    tensors = {
-        KEY_CENTROID: frame.centroid.detach().to("cpu", torch.float32).contiguous(),
-        KEY_EIGENVALUES: frame.eigenvalues.detach().to("cpu", torch.float32).contiguous(),
-        KEY_EIGENVECTORS: frame.eigenvectors.detach().to("cpu", torch.float32).contiguous(),
-    }
+    tensors = frame_tensors(frame)
+    known = checksums or {}
     meta = frame_metadata(frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash)
-    meta[TENSOR_HASHES] = tensor_hashes(tensors)
+    meta[TENSOR_HASHES] = ",".join(f"{k}={known.get(k) or hash_tensor(tensors[k])}" for k in FRAME_KEYS)
     save_tensors(path, tensors, meta, inputs)
     return Path(path)
 

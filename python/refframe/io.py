@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import xxhash
-from safetensors.torch import save as _serialize
 
 from .errors import FileFormatError, InputError, KeyNotFoundError, OutputError
 
@@ -405,13 +404,47 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def safetensors_chunks(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
+    """[header, tensor bytes, ...] of a safetensors file holding `tensors` and string `metadata`.
+
+    The tensors' bytes are views of their memory, not copies (safetensors.torch.save copies every
+    tensor into one bytes object first, ~35 ms for a 2560 x 2560 fp32 matrix). The layout is the
+    format's own: an 8-byte little-endian header length, a JSON header padded with spaces to a
+    multiple of 8 bytes, then the tensors' bytes back to back in key order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    views = []
+    offset = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{key}: dtype {t.dtype} cannot be stored in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        views.append(_raw_bytes(t))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return [struct.pack("<Q", len(text)) + text, *views]
+
+
 def save_tensors(
     path: str | os.PathLike[str],
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
     inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> None:
-    """Atomically write `tensors` (CPU, contiguous) and string metadata as a safetensors file."""
+    """Atomically write `tensors` and string metadata as a safetensors file, without copying them."""
     check_output_path(path, inputs)
-    data = _serialize({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, [data], inputs)
+    atomic_write_bytes(path, safetensors_chunks(tensors, metadata), inputs)

@@ -23,18 +23,9 @@ from . import io as _io
 from . import ops, reference
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
 from .frame import Frame, _compute_error, check_ids, check_memory, check_w, pca, plan
-from .framefile import (
-    DEFAULT_FILENAME,
-    FRAME_KEYS,
-    KEY_CENTROID,
-    KEY_EIGENVALUES,
-    KEY_EIGENVECTORS,
-    TENSOR_HASHES,
-    frame_metadata,
-)
+from .framefile import DEFAULT_FILENAME, KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_tensors, save_frame
 from .io import hash_tensor
 from .progress import QUIET, Progress
-from .stwrite import save_tensors_nocopy
 
 ClusterArg = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
@@ -273,29 +264,22 @@ def save_frames(
     w_hash: str = "",
     inputs: Sequence[str | os.PathLike[str] | None] = (),
 ) -> list[Path]:
-    """Write frames that share one PCA, each atomically, in framefile.save_frame's format.
-
-    The eigenpairs' checksums are computed once and the tensors' bytes are written straight from
-    memory (stwrite), so K frames cost K file writes and little else."""
-    hashes: dict[tuple, str] = {}
-
-    def h(t: torch.Tensor) -> str:
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if key not in hashes:
-            hashes[key] = hash_tensor(t)
-        return hashes[key]
-
+    """Write frames that share one PCA with framefile.save_frame, each atomically; the checksums of
+    the shared eigenpairs are computed once."""
+    shared: dict[str, str] = {}
     out = []
-    keep = []  # keeps the tensors alive: their addresses stay unique while they key `hashes`
     for frame, path in items:
-        tensors = {
-            KEY_CENTROID: frame.centroid.detach().to("cpu", torch.float32).contiguous(),
-            KEY_EIGENVALUES: frame.eigenvalues.detach().to("cpu", torch.float32).contiguous(),
-            KEY_EIGENVECTORS: frame.eigenvectors.detach().to("cpu", torch.float32).contiguous(),
-        }
-        keep.append(tensors)
-        meta = frame_metadata(frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash)
-        meta[TENSOR_HASHES] = ",".join(f"{k}={h(tensors[k])}" for k in FRAME_KEYS)
-        save_tensors_nocopy(path, tensors, meta, inputs)
+        if not shared:
+            tensors = frame_tensors(frame)
+            shared = {k: hash_tensor(tensors[k]) for k in (KEY_EIGENVALUES, KEY_EIGENVECTORS)}
+        save_frame(
+            frame,
+            path,
+            model_name=model_name,
+            source_dtype=source_dtype,
+            w_hash=w_hash,
+            inputs=inputs,
+            checksums=shared,
+        )
         out.append(Path(path))
     return out

@@ -1,0 +1,296 @@
+"""GPU check: run the CUDA tests, then time native against pure torch on the GPU, stage by stage.
+
+    python benchmarks/gpu_check.py                      # tests + both default shapes
+    python benchmarks/gpu_check.py --json results.json  # also write the numbers and metadata
+    python benchmarks/gpu_check.py --shapes 151936x2560 --no-tests
+
+Assumes refframe is built and installed with its CUDA kernels. For each shape a synthetic bf16 W
+(noise, a low-rank part and four columns whose mean sits 50 sigma from zero) is generated on the GPU
+and written to a safetensors file. Stages: load (safetensors -> host memory, file evicted from the
+page cache first when the OS allows; wall clock), host-to-device copy, covariance, eigh (fp32, on the
+GPU) and centroid of a 2,212-row cluster, each timed with CUDA events (median of --repeats after a
+warm-up). The covariance error of each backend is taken against a float64 covariance computed on the
+GPU by row chunks. Pure torch = refframe.reference: W.to(fp32), centring, Wc.T @ Wc (in full fp32
+unless torch.set_float32_matmul_precision was lowered; the JSON records it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import refframe
+from refframe import ops, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_HINT = "REFFRAME_CUDA=ON pip install --no-build-isolation --force-reinstall --no-deps ."
+CLUSTER_SIZE = 2212
+CHUNK_ROWS = 16384
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    n, d = text.lower().split("x")
+    return int(n), int(d)
+
+
+def synthetic_w(n: int, d: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """bf16 (n, d) on `device`: noise + rank-64 structure + column means, 4 of them 50 sigma out."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rank = min(64, d)
+    basis = torch.randn(rank, d, generator=g, device=device) * (0.03 / rank**0.5)
+    col_mean = torch.randn(d, generator=g, device=device) * 0.01
+    col_mean[: min(4, d)] += 50 * 0.02
+    W = torch.empty(n, d, dtype=torch.bfloat16, device=device)
+    for r in range(0, n, CHUNK_ROWS):
+        m = min(CHUNK_ROWS, n - r)
+        X = torch.randn(m, d, generator=g, device=device) * 0.02
+        X += torch.randn(m, rank, generator=g, device=device) @ basis
+        X += col_mean
+        W[r : r + m] = X.to(torch.bfloat16)
+    return W
+
+
+def covariance64(W: torch.Tensor) -> torch.Tensor:
+    """Exact population covariance of W in fp64, on W's device, one row chunk at a time."""
+    n, d = W.shape
+    total = torch.zeros(d, dtype=torch.float64, device=W.device)
+    for r in range(0, n, CHUNK_ROWS):
+        total += W[r : r + CHUNK_ROWS].to(torch.float64).sum(dim=0)
+    mu = total / n
+    C = torch.zeros(d, d, dtype=torch.float64, device=W.device)
+    for r in range(0, n, CHUNK_ROWS):
+        Xc = W[r : r + CHUNK_ROWS].to(torch.float64) - mu
+        C.addmm_(Xc.T, Xc)
+    return C / n
+
+
+def rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.to(torch.float64) - ref).norm() / ref.norm())
+
+
+def cuda_timed(fn, repeats: int, warmup: int = 1):
+    """(last result, list of milliseconds) of fn() timed with CUDA events on the current stream."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    out = None
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return out, times
+
+
+def evict_from_page_cache(path: Path) -> bool:
+    """Ask the OS to drop the file's cached pages so the load reads the disk; False if it can't."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def run_tests() -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(ROOT / "tests" / "test_cuda.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    print("\n".join(tail), flush=True)
+    return {
+        "returncode": proc.returncode,
+        "summary": tail[-1] if tail else "",
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def bench_shape(n: int, d: int, repeats: int, tmpdir: Path) -> list[dict]:
+    cuda = torch.device("cuda")
+    print(f"\n== {n} x {d} bf16", flush=True)
+    W = synthetic_w(n, d, cuda)
+    path = tmpdir / f"W_{n}x{d}.safetensors"
+    save_file({"W": W.cpu()}, str(path))
+    del W
+    torch.cuda.empty_cache()
+
+    cold = evict_from_page_cache(path)
+    t0 = time.perf_counter()
+    W_host = load_file(str(path))["W"]
+    W_host.view(-1).view(torch.uint8)[::4096].sum()  # fault in every page, whatever load_file maps
+    load_s = time.perf_counter() - t0
+    Wd, h2d_ms = cuda_timed(partial(W_host.to, cuda), repeats=1, warmup=0)
+    del W_host
+
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:CLUSTER_SIZE].sort().values.to(cuda)
+    centroid64 = Wd[ids].to(torch.float64).mean(dim=0)
+    torch.linalg.eigh(torch.eye(64, device=cuda))  # initialise cuSOLVER outside the timings
+
+    backends = {
+        "native": (
+            lambda: torch.ops.refframe.center_syrk(Wd),
+            lambda: torch.ops.refframe.gather_mean(Wd, ids),
+        ),
+        "torch": (lambda: reference.covariance(Wd), lambda: reference.gather_mean(Wd, ids)),
+    }
+    rows, covs = [], {}
+    for name, (cov_fn, centroid_fn) in backends.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        (_, cov), cov_ms = cuda_timed(cov_fn, repeats)
+        peak = torch.cuda.max_memory_allocated() - base
+        _, eigh_ms = cuda_timed(partial(torch.linalg.eigh, cov), repeats=1, warmup=0)
+        centroid, centroid_ms = cuda_timed(centroid_fn, repeats)
+        covs[name] = cov
+        rows.append(
+            {
+                "shape": f"{n}x{d}",
+                "backend": name,
+                "load_s": load_s,
+                "load_cold": cold,
+                "h2d_ms": h2d_ms[0],
+                "cov_ms": statistics.median(cov_ms),
+                "cov_ms_all": cov_ms,
+                "cov_tflops": n * d * (d + 1) / (statistics.median(cov_ms) * 1e-3) / 1e12,
+                "eigh_ms": eigh_ms[0],
+                "centroid_ms": statistics.median(centroid_ms),
+                "centroid_rel_err": float(
+                    (centroid.to(torch.float64) - centroid64).norm() / centroid64.norm()
+                ),
+                "cov_peak_gib": peak / 2**30,
+            }
+        )
+    C64 = covariance64(Wd)
+    torch_ms = next(r["cov_ms"] for r in rows if r["backend"] == "torch")
+    for row in rows:
+        row["cov_rel_err"] = rel_fro(covs[row["backend"]], C64)
+        row["cov_speedup"] = torch_ms / row["cov_ms"]
+    path.unlink()
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [
+        ("shape", "shape", "{}"),
+        ("backend", "backend", "{}"),
+        ("load s", "load_s", "{:.2f}"),
+        ("h2d ms", "h2d_ms", "{:.1f}"),
+        ("cov ms", "cov_ms", "{:.2f}"),
+        ("TFLOP/s", "cov_tflops", "{:.1f}"),
+        ("speedup", "cov_speedup", "{:.2f}x"),
+        ("cov rel err", "cov_rel_err", "{:.2e}"),
+        ("cov peak GiB", "cov_peak_gib", "{:.2f}"),
+        ("eigh ms", "eigh_ms", "{:.1f}"),
+        ("centroid ms", "centroid_ms", "{:.3f}"),
+        ("centroid err", "centroid_rel_err", "{:.1e}"),
+    ]
+    cells = [[fmt.format(r[key]) for _, key, fmt in cols] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
+    print("| " + " | ".join(h.ljust(w) for (h, _, _), w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print("| " + " | ".join(v.rjust(w) for v, w in zip(c, widths)) + " |")
+
+
+def metadata() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "?"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "gpu": props.name,
+        "sms": props.multi_processor_count,
+        "gpu_memory_gib": props.total_memory / 2**30,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "refframe": refframe.__version__,
+        "native": ops.native_status(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--shapes", default="151936x2560,262144x8192", help="comma-separated NxD (default: %(default)s)"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per stage after one warm-up")
+    p.add_argument("--no-tests", action="store_true", help="skip pytest tests/test_cuda.py")
+    p.add_argument("--json", metavar="PATH", help="also write results and metadata as JSON ('-' = stdout)")
+    p.add_argument(
+        "--tmpdir", type=Path, default=None, help="where the safetensors files go (default: system temp)"
+    )
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("gpu_check: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if not ops.native_supports(torch.device("cuda")):
+        print(
+            f"gpu_check: refframe has no CUDA kernels ({ops.native_status()}); build them with:\n  {BUILD_HINT}"
+        )
+        return 2
+    meta = metadata()
+    print(f"{meta['gpu']} ({meta['sms']} SMs), torch {meta['torch']} CUDA {meta['cuda']}, {meta['native']}")
+
+    tests = None if args.no_tests else run_tests()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
+        for shape in args.shapes.split(","):
+            rows += bench_shape(*parse_shape(shape), args.repeats, Path(tmp))
+            torch.cuda.empty_cache()
+
+    print()
+    print_table(rows)
+    for row in rows:
+        if row["backend"] == "native":
+            print(
+                f"{row['shape']}: native covariance {row['cov_speedup']:.2f}x the torch path, relative error "
+                f"{row['cov_rel_err']:.1e} (issue 5 targets at 151936x2560: >= 3x, <= 1e-7)"
+            )
+    if rows and not rows[0]["load_cold"]:
+        print("(load times may come from the page cache: the OS could not be asked to evict the file)")
+    if args.json:
+        text = json.dumps({"metadata": meta, "tests": tests, "results": rows}, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 1 if tests is not None and tests["returncode"] != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
