@@ -254,6 +254,10 @@ def format_table(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.repeated:
+        from .bench_repeated import main as repeated_main
+
+        return repeated_main([*(["--small"] if args.small else []), *(["--json"] if args.json else [])])
     spec = SMALL if args.small else FULL
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     r = run(spec, args.reps, log)

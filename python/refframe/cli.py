@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--small", action="store_true", help="a small shape instead of Qwen3-4B's")
     bn.add_argument("--reps", type=int, default=3)
     bn.add_argument("--json", action="store_true", help="machine-readable output")
+    bn.add_argument(
+        "--repeated",
+        action="store_true",
+        help="repeated builds instead: PCA cache hit vs miss, K = 1/16/64 clusters, hashing GB/s",
+    )
     bn.set_defaults(func=cmd_bench)
     return parser
 
