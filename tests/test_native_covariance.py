@@ -12,7 +12,7 @@ from refframe import covariance
 
 pytestmark = needs_native
 
-# N around the block (512) and run (64) lengths; d around the 16 x 6 tile.
+# N around the block (512) and run (128) lengths; d around the 16 x 6 tile.
 SHAPES = [
     (1, 1),
     (1, 7),
@@ -45,7 +45,7 @@ def test_center_syrk_matches_float64(dtype, shape, offset):
     if shape[0] == 1:
         assert float(cov.abs().max()) == 0.0
     else:
-        # Products of centred fp32 values are exact and sums are at most 64 terms long before fp64,
+        # Products of centred fp32 values are exact and sums are at most 128 terms long before fp64,
         # so what remains is the rounding of the centred values and of the fp32 output (~u each):
         # <= 1e-7 once a matrix is large enough for those to average, a few u on tiny ones.
         tol = 1e-7 if shape[0] >= 1000 and shape[1] >= 16 else 3e-7

@@ -26,7 +26,7 @@ namespace refframe::cpu {
 namespace {
 
 constexpr int64_t KC = 512;             // rows per block: one packing, one pass over the triangle
-constexpr int64_t RUN = 64;             // rows per fp32 register sum before it is added into fp64
+constexpr int64_t RUN = 128;            // rows per fp32 register sum before it is added into fp64
 constexpr int64_t MC_PANELS = 8;        // A panels per work item: 128 x KC fp32 = 256 KiB (L2)
 constexpr int64_t JB_CHUNK = 24;        // B panels per work item
 constexpr int64_t TILE = MR * NR;       // doubles per fp64 tile

@@ -119,15 +119,10 @@ void micro_avx2(int64_t kc, const float* a, const float* b, double* c) {
     c05 = _mm256_fmadd_ps(a0, bv, c05);                                    \
     c15 = _mm256_fmadd_ps(a1, bv, c15);                                    \
   }
-  // The fp64 tile is read back only at the end: start fetching its 12 lines now.
-  for (int64_t line = 0; line < MR * NR; line += 8) _mm_prefetch(reinterpret_cast<const char*>(c + line), _MM_HINT_T0);
   int64_t k = 0;
   for (; k + 4 <= kc; k += 4) {
-    // 4 k-steps consume 4 lines of A: fetch the 4 lines 16 steps ahead.
-    _mm_prefetch(reinterpret_cast<const char*>(a + 16 * MR), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(a + 17 * MR), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(a + 18 * MR), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(a + 19 * MR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + 8 * MR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(a + 10 * MR), _MM_HINT_T0);
     REFFRAME_STEP(0)
     REFFRAME_STEP(1)
     REFFRAME_STEP(2)

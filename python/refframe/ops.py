@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from . import reference
-from .errors import BackendError
+from .errors import BackendError, ClusterIdsError
 
 BACKENDS = ("auto", "native", "torch")
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation --force-reinstall --no-deps ."
@@ -103,10 +103,24 @@ def covariance(W: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor,
     return reference.covariance(W)
 
 
+def _device_ids(ids: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """ids on W's device, range-checked there first when that is a GPU: the CUDA kernels assert on a
+    bad id, which would leave the CUDA context unusable (the CPU kernels check and raise)."""
+    ids = ids.to(W.device)
+    if W.device.type != "cpu" and ids.numel() and not ids.dtype.is_floating_point and ids.dtype != torch.bool:
+        bad = (ids < 0) | (ids >= W.shape[0])
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise ClusterIdsError(
+                f"ids: {int(bad.sum())} id(s) outside [0, {W.shape[0]}); first: ids[{first}] = {int(ids[first])}"
+            )
+    return ids
+
+
 def gather_mean(W: torch.Tensor, ids: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Mean of the rows W[ids] as fp32 (d,); the native path accumulates in fp64 without copying rows."""
     if resolve_backend(backend, W.device) == "native":
-        return torch.ops.refframe.gather_mean(W, ids.to(W.device))
+        return torch.ops.refframe.gather_mean(W, _device_ids(ids, W))
     return reference.gather_mean(W, ids)
 
 
@@ -115,5 +129,5 @@ def segment_mean(
 ) -> torch.Tensor:
     """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass."""
     if resolve_backend(backend, W.device) == "native":
-        return torch.ops.refframe.segment_mean(W, ids.to(W.device), offsets.to(W.device))
+        return torch.ops.refframe.segment_mean(W, _device_ids(ids, W), offsets.to(W.device))
     return reference.segment_mean(W, ids, offsets)
