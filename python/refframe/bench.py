@@ -71,6 +71,19 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM belongs to the current address space, so unlike
+    ru_maxrss on Linux it does not carry over the parent's peak through fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def child_main(w_path: str, backend: str, ids_n: int) -> None:
     """Build one frame from a memory-mapped W and print time and peak RSS as JSON."""
     W, _ = load_w(w_path)
@@ -78,9 +91,7 @@ def child_main(w_path: str, backend: str, ids_n: int) -> None:
     t0 = time.perf_counter()
     build_frame(W, ids, backend=backend, device="cpu")
     dt = time.perf_counter() - t0
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 1 if sys.platform == "darwin" else 1024
-    print(json.dumps({"backend": backend, "seconds": dt, "peak_rss_bytes": rss_kb * scale}))
+    print(json.dumps({"backend": backend, "seconds": dt, "peak_rss_bytes": _peak_rss_bytes()}))
 
 
 def peak_rss(w_path: Path, backend: str, ids_n: int) -> dict[str, float]:
