@@ -179,6 +179,9 @@ def _stages(st: dict) -> str:
 
 
 def format_table(r: dict) -> str:
+    """The human-readable table; also accepts results read back from --json (string keys)."""
+    clusters = {int(k): v for k, v in r["clusters"].items()}
+    ratio = {int(k): v for k, v in r["k_ratio"].items()}
     n, d = r["shape"]
     h = r["hashing"]
     m = r["machine"]
@@ -196,11 +199,11 @@ def format_table(r: dict) -> str:
         f"{'  hit vs miss':<44}{r['hit_vs_miss']:>12.1f} x  >= 20x",
         f"{'  first hit (W just written: re-hashed)':<44}{r['first_hit']['wall']:>12.3f} s",
     ]
-    for K, v in r["clusters"].items():
+    for K, v in clusters.items():
         lines.append(
             f"{f'K = {K} clusters, one PCA (no cache)':<44}{v['wall']:>12.3f} s  "
             + (
-                f"{r['k_ratio'][K]:.3f}x of K = 1" + ("  (target <= 1.1x)" if K == 64 else "")
+                f"{ratio[K]:.3f}x of K = 1" + ("  (target <= 1.1x)" if K == 64 else "")
                 if K != 1
                 else ""
             )
@@ -210,7 +213,7 @@ def format_table(r: dict) -> str:
         "",
         f"stages of a cache hit (W hash via {r['hit']['how_w_hash']}): {_stages(r['hit'])}",
         f"stages of the miss: {_stages(r['miss'])}",
-        f"stages of K = 64 (no cache): {_stages(r['clusters'][64])}",
+        f"stages of K = 64 (no cache): {_stages(clusters[64])}",
     ]
     return "\n".join(lines)
 
