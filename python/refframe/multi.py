@@ -6,7 +6,7 @@
 The PCA (mean, eigenpairs) is computed once per W, or read from the cache (refframe.cache) when W's
 content was seen before; the K centroids come from ONE call of the segment-mean op over the
 concatenated ids with CSR offsets (native: fp64 accumulation, one pass over the rows touched).
-reference_centroids is the pure-torch equivalent, one gather_mean per cluster.
+With backend="torch" the same call runs reference.segment_mean, the pure-torch equivalent.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import io as _io
-from . import ops, reference
+from . import ops
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
 from .frame import Frame, _compute_error, check_ids, check_memory, check_w, pca, plan
 from .framefile import DEFAULT_FILENAME, KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_tensors, save_frame
@@ -43,11 +43,6 @@ def segment_centroids(
     """Centroids of K clusters of rows of W as fp32 (K, d), from one segment-mean call."""
     ids, offsets = cluster_offsets(ids_list)
     return ops.segment_mean(W, ids, offsets, backend=backend)
-
-
-def reference_centroids(W: torch.Tensor, ids_list: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The pure-torch equivalent of segment_centroids: one W[ids].mean(0) per cluster (fp32)."""
-    return torch.stack([reference.gather_mean(W, t) for t in ids_list])
 
 
 @dataclass
