@@ -10,14 +10,16 @@
 // or centred copy of W exists, only one triangle is computed, and no fp32 sum is longer than RUN
 // terms (relative error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
 //
-// Threads split the triangle's tiles (not the rows): each fp64 tile always receives its block sums
-// in the same order, so the result is bitwise identical for any thread count.
+// Threads split the triangle's tiles (not the rows), taking work items as they become free, and
+// pack the next block while the current one is multiplied. Each fp64 tile always receives its block
+// sums in the same order, so the result is bitwise identical for any thread count or timing.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "syrk_kernel.h"
@@ -67,21 +69,6 @@ std::vector<WorkItem> make_items(const Triangle& t) {
   return items;
 }
 
-// Contiguous ranges of items with nearly equal cost, one per thread.
-std::vector<int64_t> split_items(const std::vector<WorkItem>& items, int64_t parts) {
-  int64_t total = 0;
-  for (const auto& it : items) total += it.cost;
-  std::vector<int64_t> bounds{0};
-  int64_t acc = 0;
-  for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
-    acc += items[i].cost;
-    const int64_t p = static_cast<int64_t>(bounds.size());
-    if (p < parts && acc * parts >= total * p) bounds.push_back(i + 1);
-  }
-  while (static_cast<int64_t>(bounds.size()) <= parts) bounds.push_back(static_cast<int64_t>(items.size()));
-  return bounds;
-}
-
 template <typename T>
 struct Typed;
 template <>
@@ -123,45 +110,62 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   for (int64_t j = 0; j < d; ++j) mean32[j] = static_cast<float>(mean64[j]);
 
   const auto items = make_items(tri);
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const auto bounds = split_items(items, nthreads);
+  const int64_t npanels = tri.pa + tri.pb;
 
-  // 64-byte aligned scratch: A and B packs of one block, the fp64 tile accumulator.
+  // 64-byte aligned scratch: two sets of A and B packs (the block being multiplied and the next one,
+  // packed meanwhile) and the fp64 tile accumulator.
   auto opts = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor apack_t = at::empty({tri.pa * MR * KC}, opts);
-  at::Tensor bpack_t = at::empty({tri.pb * NR * KC}, opts);
+  const int64_t pack_floats = (tri.pa * MR + tri.pb * NR) * KC;
+  at::Tensor pack_t = at::empty({2 * pack_floats}, opts);
   at::Tensor acc_t = at::zeros({tri.tiles * TILE}, opts.dtype(at::kDouble));
-  float* apack = apack_t.data_ptr<float>();
-  float* bpack = bpack_t.data_ptr<float>();
   double* acc = acc_t.data_ptr<double>();
 
-  for (int64_t r0 = 0; r0 < n; r0 += KC) {
+  // Panel p of the block starting at row r0 into pack set s. Panels [0, pa) are A panels, then B.
+  auto pack_panel = [&](int64_t r0, int64_t s, int64_t p) {
     const int64_t kc = std::min(KC, n - r0);
-    // Panel by panel: each panel's rows are read from the (cache-resident) block of W and written
-    // sequentially. Indices [0, pa) are A panels, [pa, pa + pb) B panels.
-    const T* block = w + r0 * row_stride;
-    at::parallel_for(0, tri.pa + tri.pb, 8, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const bool is_a = p < tri.pa;
-        const int64_t panel = is_a ? MR : NR;
-        const int64_t col = is_a ? p * MR : (p - tri.pa) * NR;
-        float* dst = is_a ? apack + p * kc * MR : bpack + (p - tri.pa) * kc * NR;
-        pack(block + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
+    float* base = pack_t.data_ptr<float>() + s * pack_floats;
+    const bool is_a = p < tri.pa;
+    const int64_t panel = is_a ? MR : NR;
+    const int64_t col = is_a ? p * MR : (p - tri.pa) * NR;
+    float* dst = is_a ? base + p * kc * MR : base + tri.pa * MR * kc + (p - tri.pa) * kc * NR;
+    pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
+  };
+  constexpr int64_t PACK_CHUNK = 8;  // panels per grab
+  const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
+
+  at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t p = c0 * PACK_CHUNK; p < std::min(npanels, c1 * PACK_CHUNK); ++p) pack_panel(0, 0, p);
+  });
+
+  // One parallel region per block: whoever is free grabs the next chunk of panels of block b + 1 to
+  // pack, then the next work item of block b's tiles. Grabbing order does not change any result:
+  // within a block each tile is computed by exactly one thread, and the blocks are added into the
+  // fp64 tiles in row order (the region ends before the next block starts).
+  const int64_t nblocks = (n + KC - 1) / KC;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t r0 = blk * KC, kc = std::min(KC, n - r0);
+    const bool pack_next = blk + 1 < nblocks;
+    const float* apack = pack_t.data_ptr<float>() + (blk & 1) * pack_floats;
+    const float* bpack = apack + tri.pa * MR * kc;
+    std::atomic<int64_t> next_pack{0}, next_item{0};
+    const int64_t item_count = static_cast<int64_t>(items.size());
+    at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+      if (pack_next) {
+        for (int64_t c; (c = next_pack.fetch_add(1, std::memory_order_relaxed)) < pack_chunks;) {
+          for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p)
+            pack_panel(r0 + KC, (blk + 1) & 1, p);
+        }
       }
-    });
-    at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t i = bounds[t]; i < bounds[t + 1]; ++i) {
-          const WorkItem& it = items[i];
-          for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
-            const float* b = bpack + jb * kc * NR;
-            const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
-            for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
-              const float* a = apack + ia * kc * MR;
-              double* c = acc + (tri.first_tile[jb] + ia) * TILE;
-              for (int64_t k0 = 0; k0 < kc; k0 += RUN)
-                ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * NR, c);
-            }
+      for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < item_count;) {
+        const WorkItem& it = items[i];
+        for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
+          const float* b = bpack + jb * kc * NR;
+          const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
+          for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
+            const float* a = apack + ia * kc * MR;
+            double* c = acc + (tri.first_tile[jb] + ia) * TILE;
+            for (int64_t k0 = 0; k0 < kc; k0 += RUN) ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * NR, c);
           }
         }
       }
