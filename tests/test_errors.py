@@ -608,6 +608,97 @@ def test_exception_and_interrupt_during_write_leave_previous_output(model, monke
         assert snapshot(model["dir"]) == before
 
 
+def _batch(tmp_path: Path, n: int = 5) -> tuple[Path, list[Path]]:
+    """A folder with n output paths, the first three holding previous outputs."""
+    d = tmp_path / "out"
+    d.mkdir()
+    paths = [d / f"f{i}.bin" for i in range(n)]
+    for i, p in enumerate(paths[:3]):
+        p.write_bytes(f"previous {i}".encode() * 100)
+    return d, paths
+
+
+@pytest.mark.parametrize(
+    "exc, match",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "f3.bin: could not write output"),
+        (KeyboardInterrupt(), None),
+        (RuntimeError("boom"), "boom"),
+    ],
+)
+def test_several_files_are_written_all_or_none(tmp_path, exc, match):
+    d, paths = _batch(tmp_path)
+    before = snapshot(d)
+
+    def chunks(i):
+        yield f"new {i}".encode() * 50_000
+        if i == 3:
+            raise exc
+
+    expected = OutputError if isinstance(exc, OSError) else type(exc)
+    with pytest.raises(expected, match=match) as info:
+        rio.atomic_write_files([(p, chunks(i)) for i, p in enumerate(paths)])
+    if isinstance(exc, OSError):
+        assert str(info.value).endswith("free some space and run again); nothing was changed")
+    assert snapshot(d) == before
+    assert temp_files(d) == []
+
+
+def test_several_files_written_and_fsynced(tmp_path, monkeypatch):
+    d, paths = _batch(tmp_path, n=9)
+    synced: list[int] = []
+    real = rio.os.fsync
+    monkeypatch.setattr(rio.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    rio.atomic_write_files([(p, [f"new {i}".encode(), b"!" * i]) for i, p in enumerate(paths)])
+    assert [p.read_bytes() for p in paths] == [f"new {i}".encode() + b"!" * i for i in range(9)]
+    assert len(synced) == 9 + 1  # every file, then their directory once
+    assert temp_files(d) == []
+    synced.clear()
+    rio.atomic_write_files([(p, [b"again"]) for p in paths], durable=False)
+    assert synced == [] and all(p.read_bytes() == b"again" for p in paths)
+
+
+def test_several_files_rename_failure_says_what_changed(tmp_path, monkeypatch):
+    d, paths = _batch(tmp_path, n=3)
+    old = [p.read_bytes() for p in paths]
+    calls = []
+    real = rio.os.replace
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(rio.os, "replace", flaky)
+    with pytest.raises(
+        OutputError,
+        match=r"f1.bin: could not write output \(Input/output error\); 1 of 3 files were written, "
+        r"the others left as they were",
+    ):
+        rio.atomic_write_files([(p, [b"new"]) for p in paths])
+    assert [p.read_bytes() for p in paths] == [b"new", old[1], old[2]]
+    assert temp_files(d) == []
+
+
+def test_same_output_path_twice_is_refused(tmp_path):
+    d, paths = _batch(tmp_path, n=2)
+    before = snapshot(d)
+    with pytest.raises(OutputError, match="the same output path is given twice"):
+        rio.atomic_write_files([(paths[0], [b"a"]), (d / "." / "f0.bin", [b"b"])])
+    assert snapshot(d) == before
+
+
+def test_build_no_fsync(model, capsys, monkeypatch):
+    synced: list[int] = []
+    monkeypatch.setattr(rio.os, "fsync", lambda fd: synced.append(fd))
+    assert main([*build_args(model), "--no-fsync"]) == 0
+    assert synced == []
+    assert refframe.verify_frame(model["out"]).checks  # raises VerificationError on a bad file
+    assert main(build_args(model)) == 0
+    assert len(synced) == 2  # the frame, then its directory
+
+
 def test_failed_build_leaves_previous_output(model, capsys, monkeypatch):
     before = snapshot(model["dir"])
 
@@ -705,6 +796,31 @@ def test_interrupted_build_subprocess(model, sig, stage):
     assert err.strip() == f"refframe: interrupted ({sig.name}); the output file was left as it was"
     assert snapshot(model["dir"]) == before
     assert temp_files(model["dir"]) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_interrupted_multi_cluster_write_subprocess(model, sig):
+    """Several frames are written by several threads at once; a signal while one of them is half
+    written leaves every previous output byte for byte and no temporary file."""
+    out_dir = model["dir"] / "frames"
+    out_dir.mkdir()
+    clusters = []
+    for k in range(6):
+        c = model["dir"] / f"c{k}.safetensors"
+        save_file({"cluster_token_ids": torch.arange(k, N, 7)}, c)
+        clusters.append(str(c))
+        (out_dir / f"1.6a_cluster_reference_frame.c{k}.safetensors").write_bytes(f"old {k}".encode())
+    before = snapshot(model["dir"])
+    argv = ["build", "--W", str(model["W"]), "--cluster", *clusters, "--out-dir", str(out_dir)]
+    proc = _spawn([sys.executable, "-c", DRIVER, "write", *argv])
+    _wait_for(proc, "STAGE-REACHED")
+    assert temp_files(out_dir)  # the batch's temporary files exist
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip() == f"refframe: interrupted ({sig.name}); the output file was left as it was"
+    assert snapshot(model["dir"]) == before
+    assert temp_files(out_dir) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -323,6 +323,7 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
         source_dtype=dtype,
         w_hash=res.w_hash,
         inputs=job.inputs,
+        durable=not getattr(args, "no_fsync", False),
     )
     t_save = time.perf_counter() - t0
     say("")

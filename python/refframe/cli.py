@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="neither read nor write the PCA cache (also: REFFRAME_NO_CACHE=1)",
     )
+    b.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="do not wait for the frames to reach the disk; files are still replaced atomically, but a power cut soon after can lose them",
+    )
     b.add_argument("--model-name", help="model name stored in the file's metadata (default: the folder name)")
     b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     b.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")

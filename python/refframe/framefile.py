@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .frame import Frame
-from .io import SafetensorsFile, hash_tensor, save_tensors
+from .io import SafetensorsFile, atomic_write_files, check_output_path, hash_tensor, safetensors_chunks
 
 KEY_CENTROID = "cluster_centroid"
 KEY_EIGENVALUES = "W_eigenvalues"
@@ -68,6 +68,25 @@ def parse_tensor_hashes(value: str) -> dict[str, str] | None:
     return out
 
 
+def frame_file_chunks(
+    frame: Frame,
+    *,
+    model_name: str = "",
+    source_dtype: str = "",
+    w_hash: str = "",
+    checksums: dict[str, str] | None = None,
+) -> list:
+    """The bytes of the frame's file, as io.safetensors_chunks gives them (views, not copies).
+
+    The metadata records a checksum of each tensor (`tensor_hashes`) that verify_frame checks;
+    `checksums` may hold some of them already computed (frames sharing one PCA share those)."""
+    tensors = frame_tensors(frame)
+    known = checksums or {}
+    meta = frame_metadata(frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash)
+    meta[TENSOR_HASHES] = ",".join(f"{k}={known.get(k) or hash_tensor(tensors[k])}" for k in FRAME_KEYS)
+    return safetensors_chunks(tensors, meta)
+
+
 def save_frame(
     frame: Frame,
     path: str | os.PathLike[str],
@@ -77,18 +96,19 @@ def save_frame(
     w_hash: str = "",
     inputs: Iterable[str | os.PathLike[str] | None] = (),
     checksums: dict[str, str] | None = None,
+    durable: bool = True,
 ) -> Path:
     """Write the frame atomically: the previous file at `path` survives any failure intact.
 
     `inputs`: files the frame was built from; writing over one of them is refused (OutputError).
-    The metadata records a checksum of each tensor (`tensor_hashes`) that verify_frame checks;
-    `checksums` may hold some of them already computed (frames sharing one PCA share those).
+    `checksums`: see frame_file_chunks. durable=False skips the fsync (io.atomic_write_files).
     """
-    tensors = frame_tensors(frame)
-    known = checksums or {}
-    meta = frame_metadata(frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash)
-    meta[TENSOR_HASHES] = ",".join(f"{k}={known.get(k) or hash_tensor(tensors[k])}" for k in FRAME_KEYS)
-    save_tensors(path, tensors, meta, inputs)
+    inputs = list(inputs)
+    check_output_path(path, inputs)
+    chunks = frame_file_chunks(
+        frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash, checksums=checksums
+    )
+    atomic_write_files([(path, chunks)], inputs, durable=durable)
     return Path(path)
 
 

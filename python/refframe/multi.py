@@ -23,8 +23,8 @@ from . import io as _io
 from . import ops
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
 from .frame import Frame, _compute_error, check_ids, check_memory, check_w, pca, plan
-from .framefile import DEFAULT_FILENAME, KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_tensors, save_frame
-from .io import hash_tensor
+from .framefile import DEFAULT_FILENAME, KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_file_chunks, frame_tensors
+from .io import atomic_write_files, check_output_path, hash_tensor
 from .progress import QUIET, Progress
 
 ClusterArg = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -258,23 +258,25 @@ def save_frames(
     source_dtype: str = "",
     w_hash: str = "",
     inputs: Sequence[str | os.PathLike[str] | None] = (),
+    durable: bool = True,
 ) -> list[Path]:
-    """Write frames that share one PCA with framefile.save_frame, each atomically; the checksums of
-    the shared eigenpairs are computed once."""
-    shared: dict[str, str] = {}
-    out = []
-    for frame, path in items:
-        if not shared:
-            tensors = frame_tensors(frame)
-            shared = {k: hash_tensor(tensors[k]) for k in (KEY_EIGENVALUES, KEY_EIGENVECTORS)}
-        save_frame(
-            frame,
+    """Write frames that share one PCA, all or none (io.atomic_write_files): if any file cannot be
+    written, none of the paths changes. The checksums of the shared eigenpairs are computed once.
+    durable=False skips the fsyncs."""
+    if not items:
+        return []
+    tensors = frame_tensors(items[0][0])
+    shared = {k: hash_tensor(tensors[k]) for k in (KEY_EIGENVALUES, KEY_EIGENVECTORS)}
+    for _, path in items:
+        check_output_path(path, inputs)
+    files = [
+        (
             path,
-            model_name=model_name,
-            source_dtype=source_dtype,
-            w_hash=w_hash,
-            inputs=inputs,
-            checksums=shared,
+            frame_file_chunks(
+                frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash, checksums=shared
+            ),
         )
-        out.append(Path(path))
-    return out
+        for frame, path in items
+    ]
+    atomic_write_files(files, inputs, durable=durable)
+    return [Path(path) for _, path in items]
