@@ -271,6 +271,15 @@ def test_progress_draws_and_erases(monkeypatch):
     assert Progress(io.StringIO()).enabled
 
 
+def test_progress_follows_frame_writes(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REFFRAME_PROGRESS", "1")
+    files = [str(ids_file(tmp_path / f"c{k}.safetensors", cluster_token_ids=torch.arange(k, N, 9))) for k in range(5)]
+    assert main(["build", "--model-dir", str(model), "--cluster", *files, "--out-dir", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "writing 5 frames (" in out and "100.0%" in out
+    assert len(list((tmp_path / "o").iterdir())) == 5
+
+
 def test_frame_path_naming(tmp_path):
     assert multi.frame_path(tmp_path, None) == tmp_path / FRAME
     assert (

@@ -317,14 +317,18 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
     t0 = time.perf_counter()
     if job.out_dir is not None and job.out is None:
         job.out_dir.mkdir(parents=True, exist_ok=True)
-    paths = save_frames(
-        [(frames[k], job.outputs[k]) for k in frames],
-        model_name=job.name,
-        source_dtype=dtype,
-        w_hash=res.w_hash,
-        inputs=job.inputs,
-        durable=not getattr(args, "no_fsync", False),
-    )
+    nbytes = sum(4 * (fr.eigenvectors.numel() + fr.eigenvalues.numel() + fr.centroid.numel()) for fr in frames.values())
+    label = f"writing {len(frames)} frame{'s' if len(frames) > 1 else ''} ({_mb(nbytes)})"
+    with progress.stage(label) as st:
+        paths = save_frames(
+            [(frames[k], job.outputs[k]) for k in frames],
+            model_name=job.name,
+            source_dtype=dtype,
+            w_hash=res.w_hash,
+            inputs=job.inputs,
+            durable=not getattr(args, "no_fsync", False),
+            progress=st.update if len(frames) > 1 else None,
+        )
     t_save = time.perf_counter() - t0
     say("")
     if len(paths) == 1:

@@ -360,8 +360,10 @@ class _FileWriters:
     descriptor is closed by whoever wrote it; abort() closes the ones nobody started, while files
     being written finish on their own (an interrupted process never waits for them)."""
 
-    def __init__(self, fds: list[int], files: Sequence, durable: bool):
-        self.fds, self.files, self.durable = fds, files, durable
+    def __init__(
+        self, fds: list[int], files: Sequence, durable: bool, progress: Callable[[int, int], None] | None
+    ):
+        self.fds, self.files, self.durable, self.progress = fds, files, durable, progress
         self.state = ["pending"] * len(fds)
         self.error: BaseException | None = None
         self.lock = threading.Lock()
@@ -394,8 +396,11 @@ class _FileWriters:
                 self.state[i] = "closed"
                 if err is not None and self.error is None:
                     self.error = err
-                if self.error is not None or all(st == "closed" for st in self.state):
+                done = self.state.count("closed")
+                if self.error is not None or done == len(self.state):
                     self.finished.set()
+            if err is None and self.progress is not None:
+                self.progress(done, len(self.state))
 
     def run(self, workers: int) -> None:
         if len(self.fds) == 1 or workers <= 1:
@@ -423,6 +428,7 @@ def atomic_write_files(
     inputs: Iterable[str | os.PathLike[str] | None] = (),
     *,
     durable: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Write several files, all or none: each goes to a temporary file beside its path; only when
     every one is written (and, if `durable`, fsynced) are they renamed over their paths, in one step
@@ -434,6 +440,7 @@ def atomic_write_files(
     On any failure before the renames nothing at any path changes and no temporary file is left.
     durable=False skips the fsyncs: the renames are still atomic, so an interrupted or killed
     process still never leaves a partial file, but a power cut or OS crash soon after can.
+    `progress(done, total)` is called (from any thread) as each file is complete.
     """
     if not files:
         return
@@ -463,7 +470,7 @@ def atomic_write_files(
                 os.fchmod(fd, mode)
             except OSError:
                 pass
-        writers = _FileWriters(fds, files, durable)
+        writers = _FileWriters(fds, files, durable, progress)
         writers.run(WRITE_WORKERS)
         with _signals_deferred():
             for tmp, p in zip(temps, targets):

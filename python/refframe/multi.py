@@ -259,10 +259,11 @@ def save_frames(
     w_hash: str = "",
     inputs: Sequence[str | os.PathLike[str] | None] = (),
     durable: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Write frames that share one PCA, all or none (io.atomic_write_files): if any file cannot be
     written, none of the paths changes. The checksums of the shared eigenpairs are computed once.
-    durable=False skips the fsyncs."""
+    durable=False skips the fsyncs; `progress(done, total)` follows the files as they complete."""
     if not items:
         return []
     tensors = frame_tensors(items[0][0])
@@ -278,5 +279,5 @@ def save_frames(
         )
         for frame, path in items
     ]
-    atomic_write_files(files, inputs, durable=durable)
+    atomic_write_files(files, inputs, durable=durable, progress=progress)
     return [Path(path) for _, path in items]

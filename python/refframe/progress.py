@@ -47,7 +47,7 @@ class Stage:
 
     def update(self, done: int, total: int) -> None:
         self._done, self._total = done, total
-        self._progress._draw(self)
+        self._progress._draw(self, force=done >= total)
 
     def line(self, tick: int) -> str:
         elapsed = time.perf_counter() - self.t0
