@@ -40,14 +40,17 @@ def _median_spread(xs: list[float]) -> tuple[float, float]:
 
 
 def time_alternating(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Run each function once to warm up, then `reps` rounds in alternating order."""
+    """Run each function once to warm up, then `reps` rounds of all of them. The order rotates from
+    one round to the next, so no function always runs right after the same other one (e.g. after
+    the pure-torch path has freed its 3 GB of copies)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
 
