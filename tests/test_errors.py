@@ -673,8 +673,8 @@ def test_several_files_rename_failure_says_what_changed(tmp_path, monkeypatch):
     monkeypatch.setattr(rio.os, "replace", flaky)
     with pytest.raises(
         OutputError,
-        match=r"f1.bin: could not write output \(Input/output error\); 1 of 3 files were written, "
-        r"the others left as they were",
+        match=r"f1.bin: could not write output \(Input/output error\); 1 of 3 files were written "
+        r"\(\S*f0.bin\), the others left as they were",
     ):
         rio.atomic_write_files([(p, [b"new"]) for p in paths])
     assert [p.read_bytes() for p in paths] == [b"new", old[1], old[2]]
@@ -686,6 +686,82 @@ def test_same_output_path_twice_is_refused(tmp_path):
     before = snapshot(d)
     with pytest.raises(OutputError, match="the same output path is given twice"):
         rio.atomic_write_files([(paths[0], [b"a"]), (d / "." / "f0.bin", [b"b"])])
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_during_renames_is_held_until_every_file_is_in_place(model, capsys, monkeypatch, sig):
+    out_dir = model["dir"] / "frames"
+    out_dir.mkdir()
+    clusters = []
+    for k in range(3):
+        c = model["dir"] / f"c{k}.safetensors"
+        save_file({"cluster_token_ids": torch.arange(k, N, 5)}, c)
+        clusters.append(str(c))
+        (out_dir / f"1.6a_cluster_reference_frame.c{k}.safetensors").write_bytes(b"old")
+    real = rio.os.replace
+    sent = []
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        if not sent:
+            sent.append(sig)
+            signal.raise_signal(sig)  # held back until the batch is complete
+
+    monkeypatch.setattr(rio.os, "replace", replace_then_signal)
+    rc, err = cli(capsys, "build", "--W", str(model["W"]), "--cluster", *clusters, "--out-dir", str(out_dir))
+    assert rc == 128 + sig
+    assert err == f"refframe: interrupted ({sig.name}); every output file had already been written"
+    for k in range(3):
+        frame = out_dir / f"1.6a_cluster_reference_frame.c{k}.safetensors"
+        assert refframe.verify_frame(frame).checks
+    assert temp_files(out_dir) == []
+
+
+def test_interrupt_message_counts_what_was_written():
+    from argparse import Namespace
+
+    from refframe.cli import _outputs_state
+
+    exc = KeyboardInterrupt()
+    assert _outputs_state(Namespace(), exc) == "the output file was left as it was"
+    assert _outputs_state(Namespace(outputs_planned=4, outputs_written=0), exc) == (
+        "the output files were left as they were"
+    )
+    assert _outputs_state(Namespace(outputs_planned=4, outputs_written=2), exc) == (
+        "2 of 4 output files had already been written, the others were left as they were"
+    )
+    exc.refframe_files_written = 2
+    assert _outputs_state(Namespace(outputs_planned=4, outputs_written=2), exc) == (
+        "every output file had already been written"
+    )
+    assert _outputs_state(Namespace(outputs_planned=1, outputs_written=0), exc) == (
+        "the output file had already been written"
+    )
+
+
+def test_progress_callback_error_is_raised_and_cleans_up(tmp_path):
+    d, paths = _batch(tmp_path, n=8)
+    before = snapshot(d)
+
+    def broken(done, total):
+        raise ValueError("display broke")
+
+    with pytest.raises(ValueError, match="display broke"):
+        rio.atomic_write_files([(p, [b"new" * 1000]) for p in paths], progress=broken)
+    assert snapshot(d) == before and temp_files(d) == []
+    seen = []
+    rio.atomic_write_files([(p, [b"new"]) for p in paths], progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (8, 8) and seen == sorted(seen)
+
+
+def test_same_folder_under_two_names_is_one_output(tmp_path):
+    d, paths = _batch(tmp_path, n=1)
+    alias = tmp_path / "alias"
+    alias.symlink_to(d, target_is_directory=True)
+    before = snapshot(d)
+    with pytest.raises(OutputError, match="the same output path is given twice"):
+        rio.atomic_write_files([(paths[0], [b"a"]), (alias / paths[0].name, [b"b"])])
     assert snapshot(d) == before
 
 
@@ -818,7 +894,7 @@ def test_interrupted_multi_cluster_write_subprocess(model, sig):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
-    assert err.strip() == f"refframe: interrupted ({sig.name}); the output file was left as it was"
+    assert err.strip() == f"refframe: interrupted ({sig.name}); the output files were left as they were"
     assert snapshot(model["dir"]) == before
     assert temp_files(out_dir) == []
 

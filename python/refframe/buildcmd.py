@@ -326,7 +326,7 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
             source_dtype=dtype,
             w_hash=res.w_hash,
             inputs=job.inputs,
-            durable=not getattr(args, "no_fsync", False),
+            durable=not args.no_fsync,
             progress=st.update if len(frames) > 1 else None,
         )
     t_save = time.perf_counter() - t0
@@ -358,13 +358,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     if len({str(p.resolve()) if p.parent.exists() else str(p) for p in outs}) != len(outs):
         raise InputError("two frames would be written to the same file; give each model its own --out-dir")
     use_cache = not (args.no_cache or (cache_disabled_by_env() and not args.cache_dir))
-    cache = PCACache(args.cache_dir) if use_cache else None
+    cache = PCACache(args.cache_dir, durable=not args.no_fsync) if use_cache else None
     progress = Progress()
+    args.outputs_planned, args.outputs_written = len(outs), 0  # for the message of an interrupt
     say(f"refframe {__version__}: {native_status()}")
     for i, job in enumerate(jobs, 1):
         if len(jobs) > 1:
             say("")
             say(f"== Model {i}/{len(jobs)}: {job.name} ==")
         run_job(job, args, cache, progress)
+        args.outputs_written += len(job.outputs)
         job.W = None  # unmap this model's W before the next one
     return 0

@@ -122,10 +122,12 @@ class HashResult:
 
 
 class PCACache:
-    """A PCA cache in `directory` (default_cache_dir() when None)."""
+    """A PCA cache in `directory` (default_cache_dir() when None). durable=False writes entries
+    and the index without fsync (still atomically renamed), as `refframe build --no-fsync` asks."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None):
+    def __init__(self, directory: str | os.PathLike[str] | None = None, *, durable: bool = True):
         self.dir = Path(directory) if directory is not None else default_cache_dir()
+        self.durable = durable
         self._index_warned = False
 
     # -- locations -------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ class PCACache:
                     keep = sorted(files.items(), key=lambda kv: -_hashed_ns(kv[1]))[:INDEX_LIMIT]
                     files = dict(keep)
                 body = json.dumps({"format": INDEX_FORMAT, "files": files}, indent=0).encode()
-                _io.atomic_write_bytes(self.index_path, [body])
+                _io.atomic_write_bytes(self.index_path, [body], durable=self.durable)
         except (OSError, RefframeError) as exc:
             _warn(
                 f"could not update the PCA cache index in {self.dir} ({_why(exc)}); W will be hashed again next time"
@@ -363,7 +365,7 @@ class PCACache:
                         return p  # another build wrote it meanwhile
                     except (RefframeError, OSError, ValueError, RuntimeError):
                         pass
-                save_tensors(p, t, meta)
+                save_tensors(p, t, meta, durable=self.durable)
         except (OSError, RefframeError) as exc:
             _warn(
                 f"could not write the PCA cache entry in {self.dir} ({_why(exc)}); the build goes on without it"

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--no-fsync",
         action="store_true",
-        help="do not wait for the frames to reach the disk; files are still replaced atomically, but a power cut soon after can lose them",
+        help="do not wait for the frames (and PCA cache entries) to reach the disk; files are still replaced atomically, but a power cut soon after can lose them",
     )
     b.add_argument("--model-name", help="model name stored in the file's metadata (default: the folder name)")
     b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
@@ -215,6 +215,18 @@ def _install_signal_handlers() -> dict[int, object]:
     return old
 
 
+def _outputs_state(args: argparse.Namespace, exc: BaseException) -> str:
+    """What an interrupted command left on disk: the outputs of finished models, plus any files of
+    a batch that was already renamed into place when the interrupt was delivered."""
+    planned = int(getattr(args, "outputs_planned", 1))
+    written = int(getattr(args, "outputs_written", 0)) + int(getattr(exc, "refframe_files_written", 0))
+    if written == 0:
+        return "the output file was left as it was" if planned <= 1 else "the output files were left as they were"
+    if written >= planned:
+        return "the output file had already been written" if planned == 1 else "every output file had already been written"
+    return f"{written} of {planned} output files had already been written, the others were left as they were"
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -254,10 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         signum = int(getattr(exc, "signum", signal.SIGINT))
-        print(
-            f"refframe: interrupted ({_signal_name(signum)}); the output file was left as it was",
-            file=sys.stderr,
-        )
+        print(f"refframe: interrupted ({_signal_name(signum)}); {_outputs_state(args, exc)}", file=sys.stderr)
         return 128 + signum
     except MemoryError:
         if args.debug:
