@@ -22,11 +22,19 @@ PyObject* cpu_kernel(PyObject*, PyObject*) {
   return PyUnicode_FromString(refframe::cpu::active_kernels().name);
 }
 
+PyObject* covariance_progress(PyObject*, PyObject*) {
+  auto& p = refframe::cpu::covariance_progress();
+  return Py_BuildValue("(LL)", static_cast<long long>(p.done.load()), static_cast<long long>(p.total.load()));
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "Name of the CPU micro-kernel set chosen at run time."},
+    {"covariance_progress", covariance_progress, METH_NOARGS,
+     "(rows done, rows in all) of the running CPU center_syrk call; (0, 0) when none runs."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "refframe native kernels", -1, methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "refframe native kernels", -1, methods,
+                          nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -280,6 +280,19 @@ def test_progress_follows_frame_writes(model, tmp_path, capsys, monkeypatch):
     assert len(list((tmp_path / "o").iterdir())) == 5
 
 
+def test_progress_bar_from_a_poll():
+    buf = io.StringIO()
+    p = Progress(buf, enable=True, interval=0.01)
+    state = {"p": (30, 60)}
+    with p.stage("covariance", lambda: state["p"]):
+        time.sleep(0.05)
+        state["p"] = None  # the native call ended: back to a spinner
+        time.sleep(0.05)
+    lines = [x for x in buf.getvalue().split("\r") if x.strip()]
+    assert "  covariance [############............]  50.0%" in "\n".join(lines)
+    assert "%" not in lines[-1] and "covariance" in lines[-1]  # spinner again
+
+
 def test_frame_path_naming(tmp_path):
     assert multi.frame_path(tmp_path, None) == tmp_path / FRAME
     assert (

@@ -129,3 +129,35 @@ def test_center_syrk_full_shape():
         X = W[i : i + 8192].to(torch.float64) - mu
         acc += X.T @ X
     assert rel_fro(cov, acc / W.shape[0]) < 1e-7
+
+
+def test_covariance_progress_counts_rows_of_the_running_call():
+    import threading
+    import time
+
+    from refframe import ops
+
+    assert ops.covariance_progress() is None  # nothing running
+    W = make_w(40_000, 512, torch.bfloat16)
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            p = ops.covariance_progress()
+            if p is not None:
+                seen.append(p)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        for _ in range(3):  # a few calls, so the poller surely sees one running
+            covariance(W, backend="native")
+    finally:
+        stop.set()
+        t.join()
+    assert seen, "the poller never saw a covariance running"
+    assert all(total == 40_000 and 0 <= done <= total for done, total in seen)
+    assert any(done > 0 for done, _ in seen)
+    assert ops.covariance_progress() is None  # reset when the call ends

@@ -99,8 +99,21 @@ void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const Ker
   });
 }
 
+// Resets the progress counters when a call ends, however it ends.
+struct ProgressScope {
+  explicit ProgressScope(int64_t n) {
+    covariance_progress().done.store(0);
+    covariance_progress().total.store(n);
+  }
+  ~ProgressScope() {
+    covariance_progress().total.store(0);
+    covariance_progress().done.store(0);
+  }
+};
+
 template <typename T>
 void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, double* mean64, float* cov) {
+  const ProgressScope progress(n);
   const KernelSet& ks = active_kernels();
   const auto pack = Typed<T>::pack(ks);
   column_mean(w, n, d, row_stride, ks, mean64);
@@ -170,6 +183,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
         }
       }
     });
+    covariance_progress().done.store(r0 + kc, std::memory_order_relaxed);
   }
 
   const double inv_n = 1.0 / static_cast<double>(n);
@@ -223,6 +237,12 @@ std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
 }
 
 }  // namespace
+
+CovarianceProgress& covariance_progress() {
+  static CovarianceProgress progress;
+  return progress;
+}
+
 }  // namespace refframe::cpu
 
 TORCH_LIBRARY_IMPL(refframe, CPU, m) {

@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace refframe::cpu {
@@ -41,6 +42,14 @@ const KernelSet& portable_kernels();
 #ifdef REFFRAME_HAVE_AVX2_TU
 const KernelSet& avx2_kernels();
 #endif
+
+// Rows of W done by the running CPU center_syrk call and its row count (both 0 when none runs), for
+// a progress display. One process-wide pair: two calls running at once would share it.
+struct CovarianceProgress {
+  std::atomic<int64_t> done{0};
+  std::atomic<int64_t> total{0};
+};
+CovarianceProgress& covariance_progress();
 
 // The set used by center_syrk: AVX2 when the CPU has AVX2+FMA+F16C, else portable. The environment
 // variable REFFRAME_CPU_KERNEL=portable forces the portable set (used by the tests to compare them).

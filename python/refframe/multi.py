@@ -186,7 +186,10 @@ def build_validated(
         def label() -> str:
             return "eigendecomposition" if "covariance" in timings else "covariance"
 
-        with progress.stage(label):
+        def poll() -> tuple[int, int] | None:  # rows done by the native CPU kernel
+            return None if "covariance" in timings else ops.covariance_progress()
+
+        with progress.stage(label, poll):
             mean, evals, evecs, used_b, used_dev = pca(
                 W,
                 backend=backend,

@@ -103,6 +103,17 @@ def covariance(W: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor,
     return reference.covariance(W)
 
 
+def covariance_progress() -> tuple[int, int] | None:
+    """(rows done, rows in all) of the native CPU covariance running now, for a progress display;
+    None when none runs (or the native library is missing). Process-wide: two covariances running
+    at once share it."""
+    fn = getattr(_C, "covariance_progress", None)
+    if fn is None:
+        return None
+    done, total = fn()
+    return (int(done), int(total)) if total > 0 else None
+
+
 def _device_ids(ids: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """ids on W's device, range-checked there first when that is a GPU: the CUDA kernels assert on a
     bad id, which would leave the CUDA context unusable (the CPU kernels check and raise)."""

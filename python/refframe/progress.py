@@ -1,4 +1,4 @@
-"""A one-line progress display for long stages (hashing W, covariance, eigendecomposition).
+"""A one-line progress display for long stages (hashing W, covariance, eigendecomposition, writing).
 
 It draws only when stdout is a terminal (and REFFRAME_PROGRESS is not 0), on a single line that is
 erased when the stage ends, so logs, pipes and captured output never see it. Stages with a known
@@ -35,9 +35,15 @@ def enabled(stream: TextIO | None = None) -> bool:
 class Stage:
     """One running stage: `update(done, total)` moves its bar; the spinner thread redraws it."""
 
-    def __init__(self, progress: Progress, label: str | Callable[[], str]):
+    def __init__(
+        self,
+        progress: Progress,
+        label: str | Callable[[], str],
+        poll: Callable[[], tuple[int, int] | None] | None = None,
+    ):
         self._progress = progress
         self._label = label
+        self._poll = poll
         self._done = 0
         self._total = 0
         self.t0 = time.perf_counter()
@@ -51,6 +57,8 @@ class Stage:
 
     def line(self, tick: int) -> str:
         elapsed = time.perf_counter() - self.t0
+        if self._poll is not None:  # a bar while the poll has numbers, else the spinner
+            self._done, self._total = self._poll() or (0, 0)
         if self._total > 0:
             frac = min(1.0, self._done / self._total)
             width = 24
@@ -73,10 +81,12 @@ class Progress:
         self._width = 0
 
     @contextlib.contextmanager
-    def stage(self, label: str | Callable[[], str]) -> Iterator[Stage]:
-        """Show `label` with a spinner and the elapsed time (a bar once update() is called) until
-        the block ends; the line is then erased."""
-        st = Stage(self, label)
+    def stage(
+        self, label: str | Callable[[], str], poll: Callable[[], tuple[int, int] | None] | None = None
+    ) -> Iterator[Stage]:
+        """Show `label` with a spinner and the elapsed time (a bar once update() is called, or while
+        `poll()` returns (done, total)) until the block ends; the line is then erased."""
+        st = Stage(self, label, poll)
         if not self.enabled:
             yield st
             return
