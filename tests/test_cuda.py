@@ -202,3 +202,10 @@ def test_build_frame_cuda_matches_cpu():
         gpu.eigenvectors[:, :k].cpu().double().T @ cpu.eigenvectors[:, :k].double()
     )
     assert float(overlap.min()) >= 1 - 1e-4
+
+
+def test_native_self_check_passes_on_this_gpu():
+    from refframe import ops
+
+    assert ops.native_self_check(CUDA) is None
+    assert ops.resolve_backend("auto", CUDA) == "native"

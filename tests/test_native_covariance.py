@@ -161,3 +161,55 @@ def test_covariance_progress_counts_rows_of_the_running_call():
     assert all(total == 40_000 and 0 <= done <= total for done, total in seen)
     assert any(done > 0 for done, _ in seen)
     assert ops.covariance_progress() is None  # reset when the call ends
+
+
+def test_self_check_passes_on_the_cpu_kernels(monkeypatch):
+    from refframe import ops
+
+    monkeypatch.setattr(ops, "_SELF_CHECKS", {})
+    assert ops.native_self_check(torch.device("cpu")) is None
+
+
+def test_self_check_catches_wrong_or_failing_kernels(monkeypatch):
+    import refframe
+    from refframe import ops
+
+    real = torch.ops.refframe.center_syrk
+
+    def slightly_off(W):
+        mean, cov = real(W)
+        return mean, cov * (1 + 1e-5)
+
+    def broken(W):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    for fake, fragment in ((slightly_off, "bfloat16: covariance error 1.0e-05"), (broken, "RuntimeError: no kernel")):
+        monkeypatch.setattr(ops, "_SELF_CHECKS", {})
+        monkeypatch.setattr(torch.ops.refframe, "center_syrk", fake)
+        with pytest.warns(refframe.RefframeWarning, match="failed their self-check on cpu"):
+            reason = ops.native_self_check(torch.device("cpu"))
+        assert reason is not None and fragment in reason
+
+
+def test_gpu_without_a_passing_self_check_uses_torch(monkeypatch):
+    """A GPU whose native kernels fail the self-check (here: this CPU-only torch has no CUDA at all,
+    so the check cannot even launch) gets the pure-torch path under auto, and a clear error when
+    the native backend is asked for."""
+    import refframe
+    from refframe import BackendError, ops
+
+    class FakeLib:
+        WITH_CUDA = 1
+
+        @staticmethod
+        def cpu_kernel():
+            return "avx2"
+
+    monkeypatch.setattr(ops, "_C", FakeLib)
+    monkeypatch.setattr(ops, "_SELF_CHECKS", {})
+    cuda = torch.device("cuda")
+    with pytest.warns(refframe.RefframeWarning, match="failed their self-check"):
+        assert ops.resolve_backend("auto", cuda) == "torch"
+    with pytest.raises(BackendError, match="backend 'native' cannot run on cuda: its self-check failed there"):
+        ops.resolve_backend("native", cuda)
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "native"

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from . import reference
-from .errors import BackendError, ClusterIdsError
+from .errors import BackendError, ClusterIdsError, RefframeWarning
 
 BACKENDS = ("auto", "native", "torch")
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation --force-reinstall --no-deps ."
@@ -72,10 +72,83 @@ def native_status() -> str:
 
 
 def native_supports(device: torch.device) -> bool:
-    """True when the native kernels can run on tensors of this device."""
+    """True when the native kernels can run on tensors of this device (on a GPU: and passed their
+    self-check there, see native_self_check)."""
     if _C is None:
         return False
-    return device.type == "cpu" or (device.type == "cuda" and bool(_C.WITH_CUDA))
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and bool(_C.WITH_CUDA) and native_self_check(device) is None
+
+
+_SELF_CHECKS: dict[str, str | None] = {}
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda" and device.index is None:
+        try:
+            return f"cuda:{torch.cuda.current_device()}"
+        except (RuntimeError, AssertionError):
+            return "cuda"
+    return str(device)
+
+
+def native_self_check(device: torch.device) -> str | None:
+    """Run the native kernels once on `device` on a small awkward problem (20,011 x 300: partial
+    tiles, row splits, columns 50 sigma off zero; bf16, fp16 and fp32; ids with repeats in three
+    segments) and compare with float64 torch on the same device. None when they agree (covariance
+    <= 1e-6 relative, means <= 1e-6), else why not; the answer is kept for the process. The GPU
+    paths use this before their first use, so a kernel that misbehaves on an untried GPU or driver
+    falls back to the pure-torch path (with a warning) instead of writing wrong numbers."""
+    key = _device_key(device)
+    if key in _SELF_CHECKS:
+        return _SELF_CHECKS[key]
+    reason: str | None = None
+    try:
+        g = torch.Generator().manual_seed(20011)
+        n, d = 20011, 300
+        base = torch.randn(n, d, generator=g) * 0.02 + torch.randn(d, generator=g) * 0.01
+        base[:, :3] += 1.0
+        ids = torch.randint(0, n, (4000,), generator=g).to(device)
+        offsets = torch.tensor([0, 1, 300, 4000]).to(device)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            X = base.to(dtype).to(device)
+            X64 = X.double()
+            mu = X64.mean(0)
+            Xc = X64 - mu
+            C = Xc.T @ Xc / n
+            mean64, cov = torch.ops.refframe.center_syrk(X)
+            cov64 = cov.double()
+            errors = {
+                "covariance": float((cov64 - C).norm() / C.norm()),
+                "column mean": float((mean64.double() - mu).abs().max() / mu.abs().max()),
+                "asymmetry": float((cov64 - cov64.T).abs().max() / C.abs().max()),
+                "gather_mean": float(
+                    (torch.ops.refframe.gather_mean(X, ids).double() - X64[ids].mean(0)).abs().max()
+                    / X64.abs().max()
+                ),
+            }
+            seg = torch.ops.refframe.segment_mean(X, ids, offsets).double()
+            bounds = offsets.tolist()
+            want = torch.stack([X64[ids[a:b]].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+            errors["segment_mean"] = float((seg - want).abs().max() / X64.abs().max())
+            bad = {k: v for k, v in errors.items() if not v <= (0.0 if k == "asymmetry" else 1e-6)}
+            if bad:
+                name = str(dtype).removeprefix("torch.")
+                reason = f"{name}: " + ", ".join(f"{k} error {v:.1e}" for k, v in bad.items())
+                break
+    except Exception as exc:  # a kernel that cannot launch here is a failed check too
+        first = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {first[0] if first else ''}"
+    _SELF_CHECKS[key] = reason
+    if reason is not None:
+        warnings.warn(
+            f"refframe: the native kernels failed their self-check on {key} ({reason}); "
+            "using the pure-torch path there",
+            RefframeWarning,
+            stacklevel=3,
+        )
+    return reason
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -84,7 +157,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     ok = native_supports(device)
     if backend == "native" and not ok:
-        why = _NATIVE_REASON if _C is None else f"this build has no native kernels for {device.type}"
+        if _C is None:
+            why = _NATIVE_REASON
+        elif _SELF_CHECKS.get(_device_key(device)) is not None:
+            why = f"its self-check failed there ({_SELF_CHECKS[_device_key(device)]})"
+        else:
+            why = f"this build has no native kernels for {device.type}"
         raise BackendError(f"backend 'native' cannot run on {device.type}: {why}")
     if backend == "auto":
         return "native" if ok else "torch"
