@@ -1,8 +1,9 @@
 """Side-by-side timings: native kernels against the pure-torch path, in one process.
 
-Stages are timed with alternating repetitions (native, torch, native, torch, ...) so both backends
-see the same machine state (numpy's syrk on a ready centred copy joins the covariance rounds); medians and the native speedup are reported, with the covariance's
-GFLOP/s (N*d*(d+1) flops for one triangle) next to this machine's measured fp32 GEMM rate. Peak
+Stages are timed in rounds whose order rotates (native, torch; torch, native; ...) so all backends
+see the same machine state; numpy's syrk on a ready centred copy joins the covariance rounds.
+Medians and the native speedup are reported, with the covariance's GFLOP/s (N*d*(d+1) flops for
+one triangle) next to this machine's measured fp32 GEMM rate. Peak
 memory is measured per backend in a fresh subprocess (ru_maxrss) that builds a whole frame from W
 memory-mapped from disk, as `refframe build` does. numpy's syrk and scikit-learn's PCA fit are
 reference rows when those packages are installed.

@@ -221,24 +221,15 @@ def format_table(r: dict) -> str:
         f"{'  hit vs miss':<44}{r['hit_vs_miss']:>12.1f} x  >= 20x",
         f"{'  first hit (W just written: re-hashed)':<44}{r['first_hit']['wall']:>12.3f} s",
     ]
-    for K, v in clusters.items():
-        lines.append(
-            f"{f'K = {K} clusters, one PCA (no cache)':<44}{v['wall']:>12.3f} s  "
-            + (f"(spread {v['spread']:.2f}) " if "spread" in v else "")
-            + (
-                f"{ratio[K]:.3f}x of K = 1" + ("  (target <= 1.1x)" if K == 64 else "")
-                if K != 1
-                else ""
-            )
-        )
+    def k_rows(label: str, runs: dict, ratios: dict, mode: str) -> None:
+        for K, v in runs.items():
+            spread = f"(spread {v['spread']:.2f}) " if "spread" in v else ""
+            ratio = f"{ratios[K]:.3f}x of K = 1{mode}" + ("  (target <= 1.1x)" if K == 64 else "") if K != 1 else ""
+            lines.append(f"{f'K = {K} clusters, one PCA{label}':<44}{v['wall']:>12.3f} s  {spread}{ratio}")
+
+    k_rows(" (no cache)", clusters, ratio, "")
     nofsync = {int(k): v for k, v in r.get("clusters_nofsync", {}).items()}
-    ratio_nofsync = {int(k): v for k, v in r.get("k_ratio_nofsync", {}).items()}
-    for K, v in nofsync.items():
-        lines.append(
-            f"{f'K = {K} clusters, one PCA, --no-fsync':<44}{v['wall']:>12.3f} s  "
-            + (f"(spread {v['spread']:.2f}) " if "spread" in v else "")
-            + (f"{ratio_nofsync[K]:.3f}x of K = 1 (--no-fsync)  (target <= 1.1x)" if K != 1 else "")
-        )
+    k_rows(", --no-fsync", nofsync, {int(k): v for k, v in r.get("k_ratio_nofsync", {}).items()}, " (--no-fsync)")
     if "k64_replace" in r:
         lines.append(
             f"{'K = 64, replacing an earlier run':<44}{r['k64_replace']['wall']:>12.3f} s  "

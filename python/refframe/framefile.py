@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .frame import Frame
-from .io import SafetensorsFile, atomic_write_files, check_output_path, hash_tensor, safetensors_chunks
+from .io import SafetensorsFile, atomic_write_files, hash_tensor, safetensors_chunks
 
 KEY_CENTROID = "cluster_centroid"
 KEY_EIGENVALUES = "W_eigenvalues"
@@ -103,8 +103,6 @@ def save_frame(
     `inputs`: files the frame was built from; writing over one of them is refused (OutputError).
     `checksums`: see frame_file_chunks. durable=False skips the fsync (io.atomic_write_files).
     """
-    inputs = list(inputs)
-    check_output_path(path, inputs)
     chunks = frame_file_chunks(
         frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash, checksums=checksums
     )

@@ -527,8 +527,7 @@ def atomic_write_files(
                 for tmp in temps[replaced:]:
                     _unlink_quietly(tmp)
                 if durable:
-                    for directory in dict.fromkeys(p.parent for p in targets[:replaced]):
-                        _fsync_dir(directory)
+                    _fsync_dirs(targets[:replaced])
                 if replaced:
                     done = ", ".join(str(p) for p in targets[:replaced])
                     changed = f"{replaced} of {len(targets)} files were written ({done}), the others left as they were"
@@ -536,8 +535,7 @@ def atomic_write_files(
                     changed = "nothing was changed"
                 raise _output_error(exc, failed or targets[0], changed) from None
             if durable:
-                for directory in dict.fromkeys(p.parent for p in targets):
-                    _fsync_dir(directory)
+                _fsync_dirs(targets)
     except BaseException as exc:
         if not isinstance(exc, RefframeError):
             with contextlib.suppress(AttributeError, TypeError):
@@ -564,6 +562,12 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _fsync_dirs(paths: Iterable[Path]) -> None:
+    """fsync each distinct folder holding one of `paths` (makes their renames durable)."""
+    for directory in dict.fromkeys(p.parent for p in paths):
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -623,5 +627,4 @@ def save_tensors(
     durable: bool = True,
 ) -> None:
     """Atomically write `tensors` and string metadata as a safetensors file, without copying them."""
-    check_output_path(path, inputs)
     atomic_write_bytes(path, safetensors_chunks(tensors, metadata), inputs, durable=durable)

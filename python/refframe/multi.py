@@ -24,7 +24,7 @@ from . import ops
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
 from .frame import Frame, _compute_error, check_ids, check_memory, check_w, pca, plan
 from .framefile import DEFAULT_FILENAME, KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_file_chunks, frame_tensors
-from .io import atomic_write_files, check_output_path, hash_tensor
+from .io import atomic_write_files, hash_tensor
 from .progress import QUIET, Progress
 
 ClusterArg = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -271,8 +271,6 @@ def save_frames(
         return []
     tensors = frame_tensors(items[0][0])
     shared = {k: hash_tensor(tensors[k]) for k in (KEY_EIGENVALUES, KEY_EIGENVECTORS)}
-    for _, path in items:
-        check_output_path(path, inputs)
     files = [
         (
             path,
