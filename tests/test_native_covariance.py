@@ -62,6 +62,20 @@ def test_center_syrk_large_offset_beats_fp32_reference(dtype):
     assert rel_fro(native, c64) <= rel_fro(torch32, c64)
 
 
+@pytest.mark.parametrize("sigmas", [1e3, 1e5])
+def test_center_syrk_huge_offsets_every_column(sigmas):
+    # fp32 columns whose mean sits 1e3-1e5 sigma from zero: the kernel centres on the fp32-rounded
+    # mean, and the rank-one term that rounding leaves must be taken out again (at 1e5 sigma it alone
+    # would make the error 1e-5).
+    X = make_w(4000, 64, torch.float64)
+    X += sigmas * 0.02 * (1.0 + torch.arange(64, dtype=torch.float64) / 64)
+    W = X.to(torch.float32)
+    mu64, c64 = cov64(W)
+    mean, native = covariance(W, backend="native")
+    assert rel_fro(native, c64) < 1e-7
+    assert torch.allclose(mean.double(), mu64, rtol=1e-7, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_center_syrk_strided(dtype):
     base = make_w(1500, 120, dtype, offset_sigmas=20.0)

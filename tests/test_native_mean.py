@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -66,6 +68,28 @@ def test_segment_mean_rejects_bad_offsets():
         segment_mean(W, torch.tensor([1, 2]), torch.tensor([0, 1]), backend="native")
     with pytest.raises(RuntimeError, match="segment 0 is empty"):
         segment_mean(W, torch.tensor([1, 2]), torch.tensor([0, 0, 2]), backend="native")
+
+
+@pytest.mark.parametrize(
+    ("offsets", "message"),
+    [
+        ([0, 2, 2, 5], "segment 1 is empty"),
+        ([0, 3, 2, 5], "segment 1 is empty or offsets decrease"),
+        ([1, 3, 5], "must start at 0 and end at len(ids) = 5"),
+        ([0, 3, 6], "must start at 0 and end at len(ids) = 5"),
+        ([0], "at least 2 entries"),
+        ([[0, 5]], "at least 2 entries"),
+        ([0.0, 5.0], "integer dtype"),
+    ],
+)
+def test_offsets_checked_on_the_host_before_a_gpu_sees_them(offsets, message):
+    # The CUDA kernels assert on bad offsets (which would poison the CUDA context), so the Python
+    # layer checks them first, with the CPU kernel's rules.
+    from refframe import ops
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ops._check_offsets(torch.tensor(offsets), 5)
+    ops._check_offsets(torch.tensor([0, 2, 5]), 5)  # a valid one passes
 
 
 def test_opcheck_gather_and_segment_mean():

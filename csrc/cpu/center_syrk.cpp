@@ -123,7 +123,6 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   for (int64_t j = 0; j < d; ++j) mean32[j] = static_cast<float>(mean64[j]);
 
   const auto items = make_items(tri);
-  const int64_t npanels = tri.pa + tri.pb;
 
   // 64-byte aligned scratch: two sets of A and B packs (the block being multiplied and the next one,
   // packed meanwhile) and the fp64 tile accumulator.
@@ -143,11 +142,20 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     float* dst = is_a ? base + p * kc * MR : base + tri.pa * MR * kc + (p - tri.pa) * kc * NR;
     pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
   };
-  constexpr int64_t PACK_CHUNK = 8;  // panels per grab
-  const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
+  // One grab packs PACK_COLS columns of a block as both A and B panels, so the block's rows read for
+  // the A panels are still in cache when the B panels are packed from them.
+  constexpr int64_t PACK_COLS = 6 * MR;  // a multiple of MR and NR
+  static_assert(PACK_COLS % MR == 0 && PACK_COLS % NR == 0, "PACK_COLS must hold whole panels");
+  const int64_t pack_chunks = (d + PACK_COLS - 1) / PACK_COLS;
+  auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
+    const int64_t a1 = std::min(tri.pa, (c + 1) * (PACK_COLS / MR));
+    for (int64_t p = c * (PACK_COLS / MR); p < a1; ++p) pack_panel(r0, s, p);
+    const int64_t b1 = std::min(tri.pb, (c + 1) * (PACK_COLS / NR));
+    for (int64_t p = c * (PACK_COLS / NR); p < b1; ++p) pack_panel(r0, s, tri.pa + p);
+  };
 
   at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t p = c0 * PACK_CHUNK; p < std::min(npanels, c1 * PACK_CHUNK); ++p) pack_panel(0, 0, p);
+    for (int64_t c = c0; c < c1; ++c) pack_chunk(0, 0, c);
   });
 
   // One parallel region per block: whoever is free grabs the next chunk of panels of block b + 1 to
@@ -165,10 +173,8 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     const int64_t item_count = static_cast<int64_t>(items.size());
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
       if (pack_next) {
-        for (int64_t c; (c = next_pack.fetch_add(1, std::memory_order_relaxed)) < pack_chunks;) {
-          for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p)
-            pack_panel(r0 + KC, (blk + 1) & 1, p);
-        }
+        for (int64_t c; (c = next_pack.fetch_add(1, std::memory_order_relaxed)) < pack_chunks;)
+          pack_chunk(r0 + KC, (blk + 1) & 1, c);
       }
       for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < item_count;) {
         const WorkItem& it = items[i];
@@ -197,7 +203,11 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
           for (int64_t r = 0; r < MR; ++r) {
             const int64_t i = ia * MR + r;
             if (i > j) break;
-            const float v = static_cast<float>(tile[c * MR + r] * inv_n);
+            // The rows were centred on mean32, not on the exact mean: remove the rank-one term
+            // (mean64 - mean32)(mean64 - mean32)^T that this adds to the sums.
+            const double di = mean64[i] - static_cast<double>(mean32[i]);
+            const double dj = mean64[j] - static_cast<double>(mean32[j]);
+            const float v = static_cast<float>(tile[c * MR + r] * inv_n - di * dj);
             cov[i * d + j] = v;
             cov[j * d + i] = v;
           }

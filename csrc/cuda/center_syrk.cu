@@ -286,7 +286,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // writes its upper-triangle element and the mirror. Writes are strided, but this pass moves only
 // d^2 floats against the N d^2 / 2 products of pass 2.
 __global__ void reduce_mirror_kernel(const double* __restrict__ partial, int64_t tiles, int64_t splits, int64_t n,
-                                     int64_t d, float* __restrict__ cov) {
+                                     int64_t d, const double* __restrict__ mean64,
+                                     const float* __restrict__ mean32, float* __restrict__ cov) {
   const int64_t tile = blockIdx.x / kPerThread;
   const int e = blockIdx.x % kPerThread;
   const int tid = threadIdx.x;
@@ -298,7 +299,9 @@ __global__ void reduce_mirror_kernel(const double* __restrict__ partial, int64_t
   const double* p = partial + tile * kTile * kTile + e * kThreads + tid;
   double s = 0.0;
   for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
-  const float v = static_cast<float>(s / static_cast<double>(n));
+  // The rows were centred on mean32, not on the exact mean: remove the resulting rank-one term.
+  const double di = mean64[i] - static_cast<double>(mean32[i]), dj = mean64[j] - static_cast<double>(mean32[j]);
+  const float v = static_cast<float>(s / static_cast<double>(n) - di * dj);
   cov[i * d + j] = v;
   if (i < j) cov[j * d + i] = v;
 }
@@ -383,7 +386,8 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
 
   // Pass 3: merge the splits, scale, mirror.
   reduce_mirror_kernel<<<tiles * kPerThread, kThreads, 0, stream>>>(
-      partial.const_data_ptr<double>(), tiles, plan.splits, n, d, cov.data_ptr<float>());
+      partial.const_data_ptr<double>(), tiles, plan.splits, n, d, mean.const_data_ptr<double>(),
+      mean32.const_data_ptr<float>(), cov.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

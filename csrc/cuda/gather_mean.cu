@@ -133,6 +133,7 @@ void segment_mean_launch(const at::Tensor& W, const at::Tensor& ids, const int64
 
 void dispatch_segment_mean(const at::Tensor& W, const at::Tensor& ids, const int64_t* offsets, int64_t segments,
                            at::Tensor& out) {
+  if (W.size(1) == 0) return;  // nothing to average (and a grid with no columns would not launch)
   AT_DISPATCH_SWITCH(W.scalar_type(), "segment_mean_cuda",
       AT_DISPATCH_CASE(at::kBFloat16, [&] { segment_mean_launch<scalar_t>(W, ids, offsets, segments, out); })
       AT_DISPATCH_CASE(at::kHalf, [&] { segment_mean_launch<scalar_t>(W, ids, offsets, segments, out); })

@@ -218,5 +218,32 @@ def segment_mean(
 ) -> torch.Tensor:
     """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass."""
     if resolve_backend(backend, W.device) == "native":
+        if W.device.type != "cpu":
+            _check_offsets(offsets, ids.numel())
         return torch.ops.refframe.segment_mean(W, _device_ids(ids, W), offsets.to(W.device))
     return reference.segment_mean(W, ids, offsets)
+
+
+def _check_offsets(offsets: torch.Tensor, num_ids: int) -> None:
+    """The CPU kernel's checks of segment offsets, made on the host before a GPU sees them: the CUDA
+    kernels assert on bad offsets, which would leave the CUDA context unusable."""
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError(
+            f"segment_mean: offsets must be 1-D with at least 2 entries (K+1 for K segments), got shape "
+            f"{tuple(offsets.shape)}"
+        )
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        raise ValueError(f"segment_mean: offsets must have an integer dtype, got {offsets.dtype}")
+    off = offsets.to("cpu", torch.int64)
+    if int(off[0]) != 0 or int(off[-1]) != num_ids:
+        raise ValueError(
+            f"segment_mean: offsets must start at 0 and end at len(ids) = {num_ids}, got "
+            f"{int(off[0])} and {int(off[-1])}"
+        )
+    steps = off[1:] - off[:-1]
+    if bool((steps <= 0).any()):
+        s = int((steps <= 0).nonzero()[0, 0])
+        raise ValueError(
+            f"segment_mean: segment {s} is empty or offsets decrease (offsets[{s}] = {int(off[s])}, "
+            f"offsets[{s + 1}] = {int(off[s + 1])})"
+        )
