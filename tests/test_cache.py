@@ -193,6 +193,38 @@ def test_fresh_file_is_racy_and_rehashed(model, cache_on, monkeypatch):
     assert counter.calls == 2  # modified "just now": the index cannot vouch for it yet
 
 
+@pytest.mark.parametrize("change", ["normalised", "slice", "other", "last_row", "float32"])
+def test_api_source_that_is_not_this_w_is_ignored(model, cache_on, change):
+    # source=(file, key) is only a hint to skip hashing: a W that is not that file's tensor gets its
+    # own PCA (with a warning), and the file's index record is left alone.
+    src = (model / "W.safetensors", "W")
+    W = rio.read_tensor(*src)
+    ids = torch.arange(0, 1000, 7)
+    refframe.build_frame_cached(W, ids, source=src)  # the file's PCA is now cached and indexed
+    if change == "normalised":
+        W2 = (W.float() / W.float().norm(dim=1, keepdim=True)).to(W.dtype)
+    elif change == "slice":
+        W2 = W[:1000]
+    elif change == "other":
+        W2 = make_w(N, D, torch.bfloat16, seed=9)
+    elif change == "last_row":
+        W2 = W.clone()
+        W2[N - 1] += 1
+    else:
+        W2 = W.float()
+    with pytest.warns(RefframeWarning, match="is not this W"):
+        got = refframe.build_frame_cached(W2, ids, source=src)
+    want = refframe.build_frame(W2, ids)
+    assert got.metadata["pca_cache"] == "miss"
+    assert got.metadata["w_hash"] == rio.hash_tensor(W2)
+    assert torch.allclose(got.eigenvalues, want.eigenvalues, rtol=1e-5, atol=1e-12)
+    assert torch.equal(got.centroid, want.centroid)
+    assert PCACache(cache_on).lookup_stat(*src) == rio.hash_tensor(W)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file's own tensor still takes the stat path, silently
+        assert refframe.build_frame_cached(W, ids, source=src).metadata["pca_cache"] == "hit"
+
+
 def test_touched_w_is_rehashed_and_still_hits(model, cache_on, monkeypatch):
     counter = HashCounter(monkeypatch, cli_mod)
     assert main(["build", "--model-dir", str(model)]) == 0
@@ -202,6 +234,24 @@ def test_touched_w_is_rehashed_and_still_hits(model, cache_on, monkeypatch):
     assert main(["build", "--model-dir", str(model)]) == 0
     assert counter.calls == 2
     assert refframe.load_frame(model / FRAME).metadata["pca_cache"] == "hit"
+
+
+def test_w_edited_in_place_with_its_mtime_restored_is_rehashed(model, cache_on, monkeypatch):
+    # Same size, same inode, mtime put back: only the ctime (which no user call can reset) shows it.
+    counter = HashCounter(monkeypatch, cli_mod)
+    assert main(["build", "--model-dir", str(model)]) == 0
+    p = model / "W.safetensors"
+    st = os.stat(p)
+    with open(p, "r+b") as f:
+        f.seek(st.st_size - 2)
+        last = f.read(2)
+        f.seek(st.st_size - 2)
+        f.write(bytes([last[0] ^ 0x40, last[1]]))  # one value of W's last row changes
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(p).st_size, os.stat(p).st_mtime_ns, os.stat(p).st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    assert main(["build", "--model-dir", str(model)]) == 0
+    assert counter.calls == 2
+    assert refframe.load_frame(model / FRAME).metadata["pca_cache"] == "miss"
 
 
 def test_modified_w_invalidates(model, cache_on, monkeypatch):

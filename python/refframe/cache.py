@@ -9,7 +9,7 @@ Layout of the cache directory (default $REFFRAME_CACHE_DIR, else $XDG_CACHE_HOME
 ~/.cache/refframe):
 
     pca/<hash>.<tag>.safetensors   mean, eigenvalues, eigenvectors (fp32) + metadata with a checksum
-    index.json                     stat fast path: (resolved path, tensor key) -> size, mtime_ns,
+    index.json                     stat fast path: (resolved path, tensor key) -> size, mtime_ns, ctime_ns,
                                    inode, device -> content hash, as git's index does
     .lock                          fcntl.flock'ed while an entry or the index is written
 
@@ -200,6 +200,7 @@ class PCACache:
             same = (
                 rec["size"] == st.st_size
                 and rec["mtime_ns"] == st.st_mtime_ns
+                and rec["ctime_ns"] == st.st_ctime_ns
                 and rec["ino"] == st.st_ino
                 and rec["dev"] == st.st_dev
                 and st.st_mtime_ns < rec["hashed_ns"] - RACY_NS
@@ -220,6 +221,7 @@ class PCACache:
         rec = {
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
             "ino": st.st_ino,
             "dev": st.st_dev,
             "hash": w_hash,
@@ -268,8 +270,8 @@ class PCACache:
             except (OSError, ValueError):
                 after = None
             unchanged = after is not None and (
-                (after.st_size, after.st_mtime_ns, after.st_ino, after.st_dev)
-                == (before.st_size, before.st_mtime_ns, before.st_ino, before.st_dev)
+                (after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino, after.st_dev)
+                == (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino, before.st_dev)
             )
             if unchanged:  # a file that changed while it was hashed is not recorded
                 self.record_stat(path, key, before, w_hash, hashed_ns)

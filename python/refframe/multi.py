@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from . import io as _io
 from . import ops
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
+from .errors import ClusterIdsError, RefframeWarning
 from .frame import Frame, _compute_error, check_ids, check_memory, check_w, pca, plan
 from .framefile import DEFAULT_FILENAME, KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_file_chunks, frame_tensors
 from .io import atomic_write_files, hash_tensor
@@ -59,6 +61,42 @@ class BuildResult:
     pca_device: str = ""
 
 
+_SAFETENSORS_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+SOURCE_SAMPLE_ROWS = 64
+
+
+def source_mismatch(W: torch.Tensor, source: tuple[str | os.PathLike[str], str]) -> str | None:
+    """Why W is not the tensor `key` of the safetensors file `path` (None when it looks like it is).
+
+    source is only a hint that lets an unchanged file skip hashing, so it must never change a result:
+    the file's tensor must have W's shape and dtype, and SOURCE_SAMPLE_ROWS rows spread over W (the
+    first and last included) must hold the same bytes. Only those rows are read."""
+    path, key = source
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(Path(path).expanduser()), framework="pt") as f:
+            if key not in f.keys():
+                return f"no key {key!r} in the file"
+            sl = f.get_slice(key)
+            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+            if shape != tuple(W.shape) or dtype != _SAFETENSORS_DTYPES.get(W.dtype):
+                return f"the file's tensor is {dtype} {list(shape)}, W is {W.dtype} {list(W.shape)}"
+            n = W.shape[0]
+            rows = sorted({round(i * (n - 1) / max(1, SOURCE_SAMPLE_ROWS - 1)) for i in range(SOURCE_SAMPLE_ROWS)})
+            for r in rows:
+                if not torch.equal(sl[r : r + 1], W[r : r + 1].to("cpu")):
+                    return f"row {r} differs"
+    except Exception as exc:  # unreadable or not safetensors: the hint is unusable, not an error
+        return f"cannot read it: {exc}"
+    return None
+
+
 def _named(clusters: ClusterArg) -> dict[str, torch.Tensor]:
     if isinstance(clusters, Mapping):
         return {str(k): v for k, v in clusters.items()}
@@ -91,6 +129,17 @@ def build_frames(
     """
     check_w(W, name)
     named = {k: check_ids(v, W.shape[0], f"cluster {k!r}") for k, v in _named(clusters).items()}
+    if not named:
+        raise ClusterIdsError("clusters: no cluster given (pass {name: ids} with at least one entry)")
+    if source is not None:
+        why = source_mismatch(W, source)
+        if why is not None:
+            warnings.warn(
+                f"source {os.fspath(source[0])}:{source[1]} is not this W ({why}); W is hashed instead",
+                RefframeWarning,
+                stacklevel=2,
+            )
+            source = None
     return build_validated(
         W,
         named,
