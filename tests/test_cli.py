@@ -131,3 +131,29 @@ def test_console_script_demo_small(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Verification passed" in proc.stdout
     assert "PC1:" in proc.stdout
+
+
+def test_tilde_paths_are_expanded_in_cli_and_api(tmp_path, monkeypatch, capsys):
+    # A quoted ~ (or one from a config file) reaches refframe unexpanded; it must still mean $HOME.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    W = make_w(300, 16, torch.float32)
+    save_file({"lm_head.weight": W, "model.norm.weight": torch.ones(16)}, ck / "model.safetensors")
+    save_file({"cluster_token_ids": torch.arange(0, 300, 7)}, tmp_path / "ids.safetensors")
+    got, where = refframe.load_checkpoint_w("~/ck")
+    assert torch.equal(got, W) and where.key == "lm_head.weight"
+    assert main(["build", "--checkpoint", "~/ck", "--cluster", "~/ids.safetensors", "--out", "~/f.safetensors", "--no-cache"]) == 0
+    assert main(["verify", "~/f.safetensors", "--debug"]) == 0
+    frame = refframe.load_frame("~/f.safetensors")
+    assert refframe.save_frame(frame, "~/g.safetensors") == tmp_path / "g.safetensors"
+    assert (tmp_path / "g.safetensors").exists()
+
+
+def test_debug_is_accepted_after_the_command_too(tmp_path, capsys):
+    missing = str(tmp_path / "missing.safetensors")
+    assert main(["verify", missing]) == 1
+    assert "no such file" in capsys.readouterr().err
+    for argv in (["--debug", "verify", missing], ["verify", missing, "--debug"]):
+        with pytest.raises(refframe.InputError, match="no such file"):
+            main(argv)

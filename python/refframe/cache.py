@@ -126,7 +126,7 @@ class PCACache:
     and the index without fsync (still atomically renamed), as `refframe build --no-fsync` asks."""
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, durable: bool = True):
-        self.dir = Path(directory) if directory is not None else default_cache_dir()
+        self.dir = Path(directory).expanduser() if directory is not None else default_cache_dir()
         self.durable = durable
         self._index_warned = False
 

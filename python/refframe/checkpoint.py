@@ -124,7 +124,7 @@ def _shard_path(directory: Path, shard: str, key: str) -> Path:
 
 def locate(directory: str | os.PathLike[str], key: str | None = None) -> CheckpointMatrix:
     """Find the unembedding matrix (or `key`) in a checkpoint folder, reading only headers."""
-    d = Path(directory)
+    d = Path(directory).expanduser()
     if not d.exists():
         raise InputError(f"{d}: checkpoint folder does not exist")
     if not d.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -20,6 +21,8 @@ from .ops import native_status
 from .sources import CLUSTER_FILENAME, W_FILENAME, load_ids, load_w, seed_paths
 from .synthetic import SyntheticSpec, make_synthetic
 from .verify import verify_frame
+
+BACKEND_HELP = "auto (native kernels where they run, else pure torch), native, or torch (the notebook's maths)"
 
 
 def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -92,7 +95,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         del W
         say(f"  done in {time.perf_counter() - t0:.1f} s")
     say("")
-    build = ["build", "--model-dir", str(model_dir), "--backend", args.backend, "--device", args.device]
+    # --no-cache: the demo shows the whole build, not a PCA read back from an earlier demo's cache.
+    build = ["build", "--model-dir", str(model_dir), "--backend", args.backend, "--device", args.device, "--no-cache"]
     build_models(build_parser().parse_args(build))
     say("")
     run_verify(model_dir / DEFAULT_FILENAME, w_path, ids_path)
@@ -149,9 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not wait for the frames (and PCA cache entries) to reach the disk; files are still replaced atomically, but a power cut soon after can lose them",
     )
     b.add_argument("--model-name", help="model name stored in the file's metadata (default: the folder name)")
-    b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
+    b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"], help=BACKEND_HELP)
     b.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
-    b.add_argument("--eigh-dtype", default="float32", choices=sorted(EIGH_DTYPES))
+    b.add_argument(
+        "--eigh-dtype",
+        default="float32",
+        choices=sorted(EIGH_DTYPES),
+        help="precision of the eigendecomposition (default float32, as the notebook; float64 makes small "
+        "eigenvalues accurate relative to themselves)",
+    )
     b.add_argument(
         "--force",
         action="store_true",
@@ -160,21 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="check a frame file (format, maths, and against its source if given)")
-    v.add_argument("file")
+    v.add_argument("file", help="the frame file to check")
     _add_source_args(v)
     v.set_defaults(func=cmd_verify)
 
     dm = sub.add_parser("demo", help="build and verify a frame of a synthetic W of Qwen3-4B's shape")
     dm.add_argument("--small", action="store_true", help="a small W (8192 x 256) that runs in seconds")
     dm.add_argument("--dir", default="refframe-demo", help="where the synthetic model folder goes")
-    dm.add_argument("--seed", type=int, default=0)
-    dm.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
-    dm.add_argument("--device", default="auto")
+    dm.add_argument("--seed", type=int, default=0, help="seed of the synthetic W and cluster (default 0)")
+    dm.add_argument("--backend", default="auto", choices=["auto", "native", "torch"], help=BACKEND_HELP)
+    dm.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
     dm.set_defaults(func=cmd_demo)
 
     bn = sub.add_parser("bench", help="time native against pure torch, side by side")
     bn.add_argument("--small", action="store_true", help="a small shape instead of Qwen3-4B's")
-    bn.add_argument("--reps", type=int, default=3)
+    bn.add_argument("--reps", type=int, default=3, help="timed runs of each stage per backend (default 3)")
     bn.add_argument("--json", action="store_true", help="machine-readable output")
     bn.add_argument(
         "--repeated",
@@ -182,7 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeated builds instead: PCA cache hit vs miss, K = 1/16/64 clusters, hashing GB/s",
     )
     bn.set_defaults(func=cmd_bench)
+    for command in (b, v, dm, bn):  # also accepted after the command; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     return parser
+
+
+# Options that name files or folders: a leading ~ is expanded, as a shell would outside quotes.
+PATH_OPTIONS = ("model_dir", "w", "cluster", "checkpoint", "out", "out_dir", "cache_dir", "file", "dir")
+
+
+def expand_user_paths(args: argparse.Namespace) -> argparse.Namespace:
+    for name in PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+    return args
 
 
 class Interrupted(KeyboardInterrupt):
@@ -250,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; every failure prints one line `refframe: error: ...` and returns
     non-zero (1 for an error, 2 for a usage error, 128 + the signal number when interrupted).
     --debug re-raises instead, with the traceback."""
-    args = build_parser().parse_args(argv)
+    args = expand_user_paths(build_parser().parse_args(argv))
     old_handlers = _install_signal_handlers()
     try:
         with warnings.catch_warnings():

@@ -107,7 +107,7 @@ def save_frame(
         frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash, checksums=checksums
     )
     atomic_write_files([(path, chunks)], inputs, durable=durable)
-    return Path(path)
+    return Path(path).expanduser()
 
 
 def load_frame(path: str | os.PathLike[str]) -> Frame:

@@ -93,7 +93,7 @@ class SafetensorsFile:
     """
 
     def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         p = self.path
         st = _stat_input(p)
         if stat.S_ISDIR(st.st_mode):
@@ -242,9 +242,9 @@ def check_output_path(
     Refuses a directory, anything but a regular file, a read-only file, a missing or read-only
     directory, and a path that is one of `inputs` (the output must never replace its own input).
     """
-    p = Path(path)
     if not str(path):
         raise OutputError("empty output path")
+    p = Path(path).expanduser()
     try:
         st: os.stat_result | None = os.stat(p)
     except FileNotFoundError:
@@ -263,7 +263,7 @@ def check_output_path(
         if not os.access(p, os.W_OK):
             raise OutputError(f"{p}: output file exists and is read-only; remove it or choose another path")
         for inp in inputs:
-            if inp is not None and _same_file(p, Path(inp)):
+            if inp is not None and _same_file(p, Path(inp).expanduser()):
                 raise OutputError(
                     f"{p}: output path is the input file {inp}; writing would replace it, choose another path"
                 )
