@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DTYPES, make_w, needs_native, rel_fro
-from refframe import gather_mean, segment_mean
+from refframe import ClusterIdsError, InputError, gather_mean, segment_mean
 
 pytestmark = needs_native
 
@@ -39,14 +39,38 @@ def test_gather_mean_non_contiguous(dtype):
         assert rel_fro(gather_mean(W, ids, backend="native"), want) < 1e-7
 
 
-def test_gather_mean_bounds_checked():
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_gather_mean_bounds_checked(backend):
     W = make_w(10, 4, torch.float32)
-    with pytest.raises(RuntimeError, match=r"2 id\(s\) outside \[0, 10\); first: ids\[1\] = 10"):
-        gather_mean(W, torch.tensor([0, 10, -1]), backend="native")
+    with pytest.raises(ClusterIdsError, match=r"2 id\(s\) outside \[0, 10\); first: ids\[1\] = 10"):
+        gather_mean(W, torch.tensor([0, 10, -1]), backend=backend)
+    with pytest.raises(ClusterIdsError, match="integer dtype"):
+        gather_mean(W, torch.tensor([0.0]), backend=backend)
+    with pytest.raises(ClusterIdsError, match="empty"):
+        gather_mean(W, torch.tensor([], dtype=torch.long), backend=backend)
+    with pytest.raises(InputError, match="2-D"):
+        gather_mean(W[0], torch.tensor([0]), backend=backend)
+    # a list (or numpy array) of ids is taken as build_frame takes it
+    assert torch.equal(gather_mean(W, [1, 2, 3], backend=backend), gather_mean(W, torch.tensor([1, 2, 3]), backend=backend))
+
+
+def test_kernels_check_their_own_inputs():
+    # Below the Python layer the ops still refuse bad input (a RuntimeError from TORCH_CHECK).
+    W = make_w(10, 4, torch.float32)
+    with pytest.raises(RuntimeError, match=r"2 id\(s\) outside \[0, 10\)"):
+        torch.ops.refframe.gather_mean(W, torch.tensor([0, 10, -1]))
     with pytest.raises(RuntimeError, match="integer dtype"):
-        gather_mean(W, torch.tensor([0.0]), backend="native")
+        torch.ops.refframe.gather_mean(W, torch.tensor([0.0]))
     with pytest.raises(RuntimeError, match="empty"):
-        gather_mean(W, torch.tensor([], dtype=torch.long), backend="native")
+        torch.ops.refframe.gather_mean(W, torch.tensor([], dtype=torch.long))
+
+
+def test_covariance_rejects_what_no_backend_takes():
+    from refframe import covariance
+
+    for bad, why in ((torch.zeros(5), "2-D"), (torch.zeros(3, 4, dtype=torch.int32), "floating point"), ([[1.0]], "torch.Tensor")):
+        with pytest.raises(InputError, match=why):
+            covariance(bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -338,7 +338,7 @@ def plan(
         if backend == "native":
             raise BackendError(
                 f"{name}: backend 'native' reads bfloat16, float16 or float32, not "
-                f"{str(W.dtype).removeprefix('torch.')}; use --backend torch"
+                f"{str(W.dtype).removeprefix('torch.')}; use backend 'torch' (--backend torch)"
             )
         used = "torch"
     return used, dev

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from . import reference
-from .errors import BackendError, ClusterIdsError, RefframeWarning
+from .errors import BackendError, ClusterIdsError, InputError, RefframeWarning
 
 BACKENDS = ("auto", "native", "torch")
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation --force-reinstall --no-deps ."
@@ -175,6 +175,7 @@ def covariance(W: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor,
     The native path reads W (bf16, fp16 or fp32) in place, takes an exact fp64 mean and accumulates
     in fp64; the torch path is the seed's fp32 computation.
     """
+    _check_matrix(W, "covariance")
     if resolve_backend(backend, W.device) == "native":
         mean64, cov = torch.ops.refframe.center_syrk(W)
         return mean64.to(torch.float32), cov
@@ -192,24 +193,50 @@ def covariance_progress() -> tuple[int, int] | None:
     return (int(done), int(total)) if total > 0 else None
 
 
-def _device_ids(ids: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """ids on W's device, range-checked there first when that is a GPU: the CUDA kernels assert on a
-    bad id, which would leave the CUDA context unusable (the CPU kernels check and raise)."""
-    ids = ids.to(W.device)
-    if W.device.type != "cpu" and ids.numel() and not ids.dtype.is_floating_point and ids.dtype != torch.bool:
+def _check_matrix(W: object, op: str) -> None:
+    """A one-line InputError for what no backend can take: not a tensor, not 2-D, not floating point."""
+    if not isinstance(W, torch.Tensor):
+        raise InputError(f"{op}: W must be a torch.Tensor (N, d), got {type(W).__name__}")
+    if W.dim() != 2:
+        raise InputError(f"{op}: W must be 2-D (N, d), got shape {tuple(W.shape)}")
+    if not W.dtype.is_floating_point:
+        raise InputError(f"{op}: W must be floating point (bfloat16, float16, float32), got {W.dtype}")
+    if W.shape[0] < 1 or W.shape[1] < 1:
+        raise InputError(f"{op}: W must have at least one row and one column, got shape {tuple(W.shape)}")
+
+
+def _device_ids(ids: object, W: torch.Tensor, op: str) -> torch.Tensor:
+    """ids as an integer tensor on W's device, checked first (where they are, usually the CPU): the
+    CUDA kernels assert on a bad id, which would leave the CUDA context unusable, and a list or an
+    out-of-range id gets the same ClusterIdsError on every device."""
+    _check_matrix(W, op)
+    if not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ClusterIdsError(f"{op}: ids must be integer ids, got {type(ids).__name__} ({exc})") from None
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ClusterIdsError(f"{op}: ids must have an integer dtype, got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ClusterIdsError(f"{op}: ids must be 1-D, got shape {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)  # compared as int64: a uint8 tensor would wrap the bound
+    if ids.numel():
         bad = (ids < 0) | (ids >= W.shape[0])
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
             raise ClusterIdsError(
-                f"ids: {int(bad.sum())} id(s) outside [0, {W.shape[0]}); first: ids[{first}] = {int(ids[first])}"
+                f"{op}: {int(bad.sum())} id(s) outside [0, {W.shape[0]}); first: ids[{first}] = {int(ids[first])}"
             )
-    return ids
+    return ids.to(W.device)
 
 
 def gather_mean(W: torch.Tensor, ids: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Mean of the rows W[ids] as fp32 (d,); the native path accumulates in fp64 without copying rows."""
+    ids = _device_ids(ids, W, "gather_mean")
+    if ids.numel() == 0:
+        raise ClusterIdsError("gather_mean: ids is empty; the mean of no rows is undefined")
     if resolve_backend(backend, W.device) == "native":
-        return torch.ops.refframe.gather_mean(W, _device_ids(ids, W))
+        return torch.ops.refframe.gather_mean(W, ids)
     return reference.gather_mean(W, ids)
 
 
@@ -217,10 +244,11 @@ def segment_mean(
     W: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
     """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass."""
+    ids = _device_ids(ids, W, "segment_mean")
     if resolve_backend(backend, W.device) == "native":
         if W.device.type != "cpu":
             _check_offsets(offsets, ids.numel())
-        return torch.ops.refframe.segment_mean(W, _device_ids(ids, W), offsets.to(W.device))
+        return torch.ops.refframe.segment_mean(W, ids, offsets.to(W.device))
     return reference.segment_mean(W, ids, offsets)
 
 
