@@ -142,16 +142,11 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     float* dst = is_a ? base + p * kc * MR : base + tri.pa * MR * kc + (p - tri.pa) * kc * NR;
     pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
   };
-  // One grab packs PACK_COLS columns of a block as both A and B panels, so the block's rows read for
-  // the A panels are still in cache when the B panels are packed from them.
-  constexpr int64_t PACK_COLS = 6 * MR;  // a multiple of MR and NR
-  static_assert(PACK_COLS % MR == 0 && PACK_COLS % NR == 0, "PACK_COLS must hold whole panels");
-  const int64_t pack_chunks = (d + PACK_COLS - 1) / PACK_COLS;
+  constexpr int64_t PACK_CHUNK = 8;  // panels per grab
+  const int64_t npanels = tri.pa + tri.pb;
+  const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
   auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
-    const int64_t a1 = std::min(tri.pa, (c + 1) * (PACK_COLS / MR));
-    for (int64_t p = c * (PACK_COLS / MR); p < a1; ++p) pack_panel(r0, s, p);
-    const int64_t b1 = std::min(tri.pb, (c + 1) * (PACK_COLS / NR));
-    for (int64_t p = c * (PACK_COLS / NR); p < b1; ++p) pack_panel(r0, s, tri.pa + p);
+    for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p) pack_panel(r0, s, p);
   };
 
   at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
