@@ -32,7 +32,8 @@ def test_build_then_verify_round_trip(tmp_path, capsys, dtype):
     model = seed_dir(tmp_path, dtype)
     assert main(["build", "--model-dir", str(model)]) == 0
     out = capsys.readouterr().out
-    for text in ("PC1:", "PC10:", "First 10 PCs", "First 100 PCs", "Norm:", "Size:", "Stage times"):
+    assert "First 100 PCs" not in out  # d = 96: only counts below d are reported
+    for text in ("PC1:", "PC10:", "First 10 PCs", "Norm:", "Size:", "Stage times"):
         assert text in out
     frame_path = model / FRAME
     data = load_file(frame_path)

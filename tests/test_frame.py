@@ -93,3 +93,14 @@ def test_unknown_backend_and_native_on_unsupported_device():
         refframe.covariance(W, backend="fast")
     with pytest.raises(refframe.BackendError, match="unknown device"):
         refframe.build_frame(W, torch.tensor([0]), device="tpu9")
+
+
+def test_variance_report_lists_only_counts_below_d():
+    ev = torch.linspace(8.0, 1.0, 16)
+    frame = refframe.Frame(
+        centroid=torch.zeros(16), eigenvalues=ev, eigenvectors=torch.eye(16), mean=None, n_tokens=50, cluster_size=3
+    )
+    rep = frame.variance_report()
+    assert list(rep.cumulative) == [10]
+    assert rep.cumulative[10] == pytest.approx(float(ev[:10].sum() / ev.sum() * 100))
+    assert not any("100 PCs" in line for line in rep.lines())

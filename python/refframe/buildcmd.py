@@ -36,7 +36,7 @@ from .io import SafetensorsFile, check_output_path, hash_tensor
 from .multi import build_validated, frame_path, save_frames
 from .ops import native_status
 from .progress import Progress
-from .sources import CLUSTER_FILENAME, CLUSTER_KEY, W_FILENAME, load_ids, load_w, seed_paths
+from .sources import CLUSTER_FILENAME, CLUSTER_KEY, W_FILENAME, W_KEY, load_ids, load_w, seed_paths
 
 EIGH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -276,13 +276,13 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
     assert W is not None
     n, d = W.shape
     dtype = str(W.dtype).removeprefix("torch.")
-    src = f"{job.w_path}" + (f" ({job.key})" if job.checkpoint is not None else "")
+    src = f"{job.w_path}" + (f" ({job.key})" if job.checkpoint is not None or job.key != W_KEY else "")
     if job.checkpoint is not None and job.checkpoint.tied:
         src += ", tied embeddings: the checkpoint has no lm_head.weight"
     say(f"Loaded W: {tuple(W.shape)} {dtype} from {src}")
     sizes = [int(v.numel()) for v in job.clusters.values()]
     if len(sizes) == 1:
-        say(f"  {n:,} tokens in {d:,} dimensions; {sizes[0]:,} cluster tokens")
+        say(f"  {n:,} tokens in {d:,} dimensions; {sizes[0]:,} cluster token{'s' if sizes[0] != 1 else ''}")
     else:
         say(
             f"  {n:,} tokens in {d:,} dimensions; {len(sizes)} clusters of {min(sizes):,} to {max(sizes):,} tokens"

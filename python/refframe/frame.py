@@ -69,7 +69,8 @@ class Frame:
         return VarianceReport(
             total=total,
             top=[(float(ev[i]), float(pct[i])) for i in range(min(top, self.dim))],
-            cumulative={k: float(cum[min(k, self.dim) - 1]) for k in cumulative},
+            # only counts below d: "the first 100 PCs hold 100%" says nothing when d <= 100
+            cumulative={k: float(cum[k - 1]) for k in cumulative if 0 < k < self.dim},
         )
 
 
