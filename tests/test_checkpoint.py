@@ -206,6 +206,14 @@ def test_cli_checkpoint_equals_w_file(tmp_path, capsys, layout):
     assert (
         main(["verify", str(tmp_path / "out" / FRAME), "--W", str(shard), "--W-key", "lm_head.weight"]) == 0
     )
+    # or straight from the checkpoint folder, with the centroid too
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "out" / FRAME), "--checkpoint", str(d), "--cluster", str(ids)]) == 0
+    out = capsys.readouterr().out
+    assert "(lm_head.weight)" in out and "centroid" in out and "Verification passed" in out
+    # a different W of the same shape is caught
+    other = single(tmp_path, {"lm_head.weight": make_w(N, lm_head().shape[1], torch.float32, seed=7)}, "other")
+    assert main(["verify", str(tmp_path / "out" / FRAME), "--checkpoint", str(other)]) == 1
 
 
 def test_cli_checkpoint_needs_cluster_and_output(tmp_path, capsys):
@@ -231,3 +239,21 @@ def test_cli_tied_checkpoint_says_so(tmp_path, capsys):
         == 0
     )
     assert "tied embeddings" in capsys.readouterr().out
+
+
+def test_cli_verify_several_frames_against_one_w(tmp_path, capsys):
+    d = single(tmp_path, {"lm_head.weight": lm_head()})
+    clusters = tmp_path / "clusters.safetensors"
+    save_file({"a": torch.arange(0, N, 5), "b": torch.arange(3, N, 17)}, clusters)
+    out = tmp_path / "out"
+    assert main(["build", "--checkpoint", str(d), "--cluster", str(clusters), "--out-dir", str(out)]) == 0
+    frames = sorted(str(p) for p in out.rglob("*.safetensors"))
+    assert len(frames) == 2
+    capsys.readouterr()
+    assert main(["verify", *frames, "--checkpoint", str(d)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("Verifying ") == 2 and "Verification passed (2 files)" in text
+    assert main(["verify", *frames, "--checkpoint", str(d), "--cluster", str(clusters)]) == 1
+    assert "give one frame file with it" in capsys.readouterr().err
+    assert main(["verify", frames[0], "--checkpoint", str(d), "--W", frames[1]]) == 1
+    assert "give W once" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .buildcmd import EIGH_DTYPES, say
 from .buildcmd import cmd_build as build_models
+from .checkpoint import load_checkpoint_w
 from .errors import InputError, OutputError, RefframeError, RefframeWarning
 from .framefile import DEFAULT_FILENAME
 from .io import save_tensors
@@ -57,15 +58,40 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    w_path = ids_path = None
-    if args.cluster and not (args.model_dir or args.w):
+    files = [Path(f) for f in args.file]
+    if args.checkpoint and (args.model_dir or args.w):
+        raise InputError("give W once: --checkpoint DIR, --model-dir DIR or --W FILE")
+    if args.cluster and not (args.model_dir or args.w or args.checkpoint):
         raise InputError(
-            "checking the centroid against --cluster needs W too: give --W FILE or --model-dir DIR"
+            "checking the centroid against --cluster needs W too: give --W FILE, --model-dir DIR or --checkpoint DIR"
         )
-    if args.model_dir or args.w:
-        paths = seed_paths(args.model_dir, args.w, args.cluster, out=args.file)
-        w_path, ids_path = paths.w, paths.cluster
-    run_verify(Path(args.file), w_path, ids_path, args.w_key, args.cluster_key)
+    if args.cluster and len(files) > 1:
+        raise InputError(
+            "--cluster checks one frame's centroid: give one frame file with it (several files are checked "
+            "against W only)"
+        )
+    W = ids = None
+    w_name, ids_name, against = "W", "cluster ids", ""
+    ids_path: Path | None = None
+    if args.checkpoint:
+        W, where = load_checkpoint_w(args.checkpoint, args.w_key)
+        w_name, against = f"{where.path}:{where.key}", f"{where.path} ({where.key})"
+        ids_path = Path(args.cluster) if args.cluster else None
+    elif args.model_dir or args.w:
+        paths = seed_paths(args.model_dir, args.w, args.cluster, out=files[0])
+        W, wk = load_w(paths.w, args.w_key)
+        w_name, against = f"{paths.w}:{wk}", str(paths.w)
+        # A model folder's cluster file belongs to its one default frame, not to several frames.
+        ids_path = paths.cluster if len(files) == 1 else None
+    if ids_path is not None:
+        ids, ck = load_ids(ids_path, args.cluster_key)
+        ids_name = f"{ids_path}:{ck}"
+    for path in files:
+        say(f"Verifying {path}" + (f" against {against}" if against else ""))
+        res = verify_frame(path, W, ids, w_name=w_name, ids_name=ids_name)
+        for line in res.checks:
+            say(f"  ✓ {line}")
+    say("✓ Verification passed" + (f" ({len(files)} files)" if len(files) > 1 else ""))
     return 0
 
 
@@ -170,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("verify", help="check a frame file (format, maths, and against its source if given)")
-    v.add_argument("file", help="the frame file to check")
+    v.add_argument("file", nargs="+", help="the frame file(s) to check")
     _add_source_args(v)
+    v.add_argument(
+        "--checkpoint", help="Hugging Face checkpoint folder to take W from (as build --checkpoint; --W-key to choose)"
+    )
     v.set_defaults(func=cmd_verify)
 
     dm = sub.add_parser("demo", help="build and verify a frame of a synthetic W of Qwen3-4B's shape")
