@@ -158,3 +158,25 @@ def test_debug_is_accepted_after_the_command_too(tmp_path, capsys):
     for argv in (["--debug", "verify", missing], ["verify", missing, "--debug"]):
         with pytest.raises(refframe.InputError, match="no such file"):
             main(argv)
+
+
+def test_help_does_not_load_torch():
+    # --help (and the parser) must answer before torch loads: it takes seconds to import.
+    code = (
+        "import sys; from refframe.cli import build_parser; build_parser().format_help(); "
+        "import refframe; refframe.RefframeError; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_interrupt_while_the_command_loads_is_one_line(tmp_path, monkeypatch, capsys):
+    # Ctrl-C while torch (or any module of a command) is still loading: same one-line report.
+    class Loading:
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "refframe.buildcmd", Loading())
+    assert main(["build", "--W", str(tmp_path / "W.safetensors")]) == 130
+    err = capsys.readouterr().err
+    assert err == "refframe: interrupted (SIGINT); the output file was left as it was\n"

@@ -30,19 +30,17 @@ import torch
 from . import __version__
 from .cache import PCACache, cache_disabled_by_env
 from .checkpoint import CheckpointMatrix, is_checkpoint_dir, locate
+from .cli import say
 from .errors import InputError, OutputError
 from .frame import Frame, check_ids, check_w, plan
 from .io import SafetensorsFile, check_output_path, hash_tensor
 from .multi import build_validated, frame_path, save_frames
+from .names import EIGH_DTYPE_NAMES
 from .ops import native_status
 from .progress import Progress
 from .sources import CLUSTER_FILENAME, CLUSTER_KEY, W_FILENAME, W_KEY, load_ids, load_w, seed_paths
 
-EIGH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def say(*args: object) -> None:
-    print(*args, flush=True)
+EIGH_DTYPES = {name: getattr(torch, name) for name in EIGH_DTYPE_NAMES}
 
 
 def _mb(nbytes: int) -> str:

@@ -12,16 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .buildcmd import EIGH_DTYPES, say
-from .buildcmd import cmd_build as build_models
-from .checkpoint import load_checkpoint_w
 from .errors import InputError, OutputError, RefframeError, RefframeWarning
-from .framefile import DEFAULT_FILENAME
-from .io import save_tensors
-from .ops import native_status
-from .sources import CLUSTER_FILENAME, W_FILENAME, load_ids, load_w, seed_paths
-from .synthetic import SyntheticSpec, make_synthetic
-from .verify import verify_frame
+from .names import CLUSTER_FILENAME, DEFAULT_FILENAME, EIGH_DTYPE_NAMES, W_FILENAME
+
+# Everything that loads torch is imported inside the commands, after the arguments are parsed:
+# --help answers at once, and Ctrl-C while torch loads is reported like any other interrupt.
+
+
+def say(*args: object) -> None:
+    print(*args, flush=True)
 
 BACKEND_HELP = "auto (native kernels where they run, else pure torch), native, or torch (the notebook's maths)"
 
@@ -38,6 +37,9 @@ def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
 
 
 def run_verify(path: Path, w_path: Path | None, ids_path: Path | None, w_key=None, cluster_key=None) -> None:
+    from .sources import load_ids, load_w
+    from .verify import verify_frame
+
     W = ids = None
     w_name, ids_name = "W", "cluster ids"
     if w_path is not None:
@@ -54,10 +56,16 @@ def run_verify(path: Path, w_path: Path | None, ids_path: Path | None, w_key=Non
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from .buildcmd import cmd_build as build_models
+
     return build_models(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint_w
+    from .sources import load_ids, load_w, seed_paths
+    from .verify import verify_frame
+
     files = [Path(f) for f in args.file]
     if args.checkpoint and (args.model_dir or args.w):
         raise InputError("give W once: --checkpoint DIR, --model-dir DIR or --W FILE")
@@ -96,6 +104,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .buildcmd import cmd_build as build_models
+    from .io import save_tensors
+    from .ops import native_status
+    from .synthetic import SyntheticSpec, make_synthetic
+
     spec = SyntheticSpec.small() if args.small else SyntheticSpec(seed=args.seed)
     if args.small:
         spec = SyntheticSpec(**{**spec.__dict__, "seed": args.seed})
@@ -184,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--eigh-dtype",
         default="float32",
-        choices=sorted(EIGH_DTYPES),
+        choices=EIGH_DTYPE_NAMES,
         help="precision of the eigendecomposition (default float32, as the notebook; float64 makes small "
         "eigenvalues accurate relative to themselves)",
     )

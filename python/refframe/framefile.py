@@ -18,7 +18,6 @@ KEY_EIGENVECTORS = "W_eigenvectors"
 FRAME_KEYS = (KEY_CENTROID, KEY_EIGENVALUES, KEY_EIGENVECTORS)
 FORMAT = "refframe-frame/1"
 SIGN_CONVENTION = "largest-magnitude component of each eigenvector is positive"
-DEFAULT_FILENAME = "1.6a_cluster_reference_frame.safetensors"
 TENSOR_HASHES = "tensor_hashes"
 
 

@@ -25,8 +25,9 @@ from . import ops
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
 from .errors import ClusterIdsError, RefframeWarning
 from .frame import Frame, _compute_error, check_ids, check_memory, check_w, pca, plan
-from .framefile import DEFAULT_FILENAME, KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_file_chunks, frame_tensors
+from .framefile import KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_file_chunks, frame_tensors
 from .io import atomic_write_files, hash_tensor
+from .names import DEFAULT_FILENAME
 from .progress import QUIET, Progress
 
 ClusterArg = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]

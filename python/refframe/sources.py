@@ -9,13 +9,8 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, KeyNotFoundError
-from .framefile import DEFAULT_FILENAME
 from .io import SafetensorsFile, key_list
-
-W_FILENAME = "W.safetensors"
-CLUSTER_FILENAME = "1.4h_cluster_tokens.safetensors"
-W_KEY = "W"
-CLUSTER_KEY = "cluster_token_ids"
+from .names import CLUSTER_FILENAME, CLUSTER_KEY, DEFAULT_FILENAME, W_FILENAME, W_KEY
 
 
 @dataclass
