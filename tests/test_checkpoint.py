@@ -108,6 +108,9 @@ def test_hub_cache_snapshot_name(tmp_path):
     snap.mkdir(parents=True)
     d = single(snap, {"lm_head.weight": lm_head()}, name="0123abcd")
     assert locate(d).model_name == "Qwen--Qwen3-4B"
+    # the hub's models--ORG--NAME folder itself is not a checkpoint: the error names a snapshot
+    with pytest.raises(CheckpointError, match="hub cache folder; give one of its snapshots, e.g. .*0123abcd"):
+        locate(tmp_path / "models--Qwen--Qwen3-4B")
 
 
 @pytest.mark.parametrize(

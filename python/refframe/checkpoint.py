@@ -154,6 +154,13 @@ def locate(directory: str | os.PathLike[str], key: str | None = None) -> Checkpo
         hint = (
             f"found only {key_list(torch_bins, limit=5)}: only safetensors checkpoints are read (no pickle)"
         )
+    elif (d / "snapshots").is_dir():  # the Hugging Face hub cache's models--ORG--NAME folder
+        snaps = sorted(p.name for p in (d / "snapshots").iterdir() if p.is_dir())
+        hint = (
+            f"this is a hub cache folder; give one of its snapshots, e.g. {d / 'snapshots' / snaps[0]}"
+            if snaps
+            else "this is a hub cache folder with no snapshot downloaded"
+        )
     else:
         hint = "no safetensors files in it"
     raise CheckpointError(f"{d}: not a safetensors checkpoint: no {SINGLE_FILE} or {INDEX_FILE} ({hint})")
