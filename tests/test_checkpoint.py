@@ -214,9 +214,11 @@ def test_cli_checkpoint_equals_w_file(tmp_path, capsys, layout):
     assert main(["verify", str(tmp_path / "out" / FRAME), "--checkpoint", str(d), "--cluster", str(ids)]) == 0
     out = capsys.readouterr().out
     assert "(lm_head.weight)" in out and "centroid" in out and "Verification passed" in out
-    # a different W of the same shape is caught
+    assert "is the matrix the frame was built from (content hash)" in out
+    # a different W of the same shape is caught, and the recorded content hash says why
     other = single(tmp_path, {"lm_head.weight": make_w(N, lm_head().shape[1], torch.float32, seed=7)}, "other")
     assert main(["verify", str(tmp_path / "out" / FRAME), "--checkpoint", str(other)]) == 1
+    assert "is not the matrix the frame was built from" in capsys.readouterr().err
 
 
 def test_cli_checkpoint_needs_cluster_and_output(tmp_path, capsys):

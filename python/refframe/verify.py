@@ -181,7 +181,19 @@ def verify_frame(
         n_meta = f.metadata.get("n_tokens", "")
         if n_meta.isascii() and n_meta.isdigit() and int(n_meta) != W.shape[0]:
             raise _fail(path, f"{w_name} has N = {W.shape[0]} rows, the frame was built from N = {n_meta}")
-        _check_maths(path, W, lam, V, scale, res, seed, w_name)
+        recorded = f.metadata.get("w_hash", "")
+        same_w = None if not recorded else hash_tensor(W) == recorded
+        if same_w:
+            res.checks.append(f"{w_name} is the matrix the frame was built from (content hash)")
+        try:
+            _check_maths(path, W, lam, V, scale, res, seed, w_name)
+        except VerificationError as exc:
+            if same_w is False:  # the likely reason, said with the failure
+                raise VerificationError(
+                    f"{exc}; note: {w_name} is not the matrix the frame was built from (its content hash "
+                    "differs from the one recorded at build time)"
+                ) from None
+            raise
 
     if ids is not None:
         if W is None:
