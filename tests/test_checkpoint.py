@@ -254,6 +254,11 @@ def test_cli_verify_several_frames_against_one_w(tmp_path, capsys):
     assert main(["build", "--checkpoint", str(d), "--cluster", str(clusters), "--out-dir", str(out)]) == 0
     frames = sorted(str(p) for p in out.rglob("*.safetensors"))
     assert len(frames) == 2
+    for path, name in zip(frames, ("a", "b")):  # each file says where W and its cluster came from
+        meta = refframe.load_frame(path).metadata
+        assert meta["cluster"] == name
+        assert meta["cluster_source"] == f"{clusters}:{name}"
+        assert meta["w_source"] == f"{d / 'model.safetensors'}:lm_head.weight"
     capsys.readouterr()
     assert main(["verify", *frames, "--checkpoint", str(d)]) == 0
     text = capsys.readouterr().out

@@ -84,6 +84,7 @@ class Job:
     w_name: str = ""
     key: str = ""
     clusters: dict[str, torch.Tensor] = field(default_factory=dict)
+    cluster_sources: dict[str, str] = field(default_factory=dict)  # name -> "file:key"
     outputs: dict[str, Path] = field(default_factory=dict)
     t_load: float = 0.0
 
@@ -248,7 +249,7 @@ def prepare(job: Job, args: argparse.Namespace) -> None:
         job.W, job.key = load_w(job.w_path, job.w_key)
     job.w_name = f"{job.w_path}:{job.key}"
     check_w(job.W, job.w_name)
-    job.clusters, _labels = read_clusters(job.cluster_files, args.cluster_key, int(job.W.shape[0]))
+    job.clusters, job.cluster_sources = read_clusters(job.cluster_files, args.cluster_key, int(job.W.shape[0]))
     several = len(job.clusters) > 1
     if several and job.out is not None:
         raise InputError(
@@ -300,6 +301,8 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
         hash_fn=lambda t, **kw: hash_tensor(t, **kw),  # looked up at call time: tests hook it
     )
     frames = res.frames
+    for cname, fr in frames.items():  # provenance, in each file's metadata
+        fr.metadata.update(w_source=job.w_name, cluster=cname, cluster_source=job.cluster_sources.get(cname, ""))
     if len(frames) == 1:
         report_frame(next(iter(frames.values())))
     else:
