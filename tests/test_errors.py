@@ -709,7 +709,13 @@ def test_signal_during_renames_is_held_until_every_file_is_in_place(model, capsy
             signal.raise_signal(sig)  # held back until the batch is complete
 
     monkeypatch.setattr(rio.os, "replace", replace_then_signal)
-    rc, err = cli(capsys, "build", "--W", str(model["W"]), "--cluster", *clusters, "--out-dir", str(out_dir))
+    # Under nohup SIGHUP arrives ignored, and the CLI rightly leaves it so: undo that for this test.
+    before = signal.signal(sig, signal.SIG_DFL) if signal.getsignal(sig) == signal.SIG_IGN else None
+    try:
+        rc, err = cli(capsys, "build", "--W", str(model["W"]), "--cluster", *clusters, "--out-dir", str(out_dir))
+    finally:
+        if before is not None:
+            signal.signal(sig, before)
     assert rc == 128 + sig
     assert err == f"refframe: interrupted ({sig.name}); every output file had already been written"
     for k in range(3):
