@@ -27,10 +27,17 @@ PyObject* covariance_progress(PyObject*, PyObject*) {
   return Py_BuildValue("(LL)", static_cast<long long>(p.done.load()), static_cast<long long>(p.total.load()));
 }
 
+PyObject* cancel_covariance(PyObject*, PyObject*) {
+  refframe::cpu::covariance_progress().cancel.store(true);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "Name of the CPU micro-kernel set chosen at run time."},
     {"covariance_progress", covariance_progress, METH_NOARGS,
      "(rows done, rows in all) of the running CPU center_syrk call; (0, 0) when none runs."},
+    {"cancel_covariance", cancel_covariance, METH_NOARGS,
+     "Stop the running CPU center_syrk call at its next row block (it raises 'cancelled')."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "refframe native kernels", -1, methods,

@@ -180,3 +180,20 @@ def test_interrupt_while_the_command_loads_is_one_line(tmp_path, monkeypatch, ca
     assert main(["build", "--W", str(tmp_path / "W.safetensors")]) == 130
     err = capsys.readouterr().err
     assert err == "refframe: interrupted (SIGINT); the output file was left as it was\n"
+
+
+@pytest.mark.parametrize(("code", "fast"), [(0, False), (1, False), (130, True), (143, True)])
+def test_entry_ends_an_interrupted_run_without_the_interpreter_shutdown(monkeypatch, code, fast):
+    import refframe.cli as cli_mod
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(c):
+        raise Exited(c)
+
+    monkeypatch.setattr(cli_mod, "main", lambda: code)
+    monkeypatch.setattr(cli_mod.os, "_exit", fake_exit)
+    with pytest.raises(Exited if fast else SystemExit) as info:
+        cli_mod.entry()
+    assert info.value.args[0] == code if fast else info.value.code == code

@@ -104,3 +104,31 @@ def test_variance_report_lists_only_counts_below_d():
     assert list(rep.cumulative) == [10]
     assert rep.cumulative[10] == pytest.approx(float(ev[:10].sum() / ev.sum() * 100))
     assert not any("100 PCs" in line for line in rep.lines())
+
+
+def test_long_computations_are_interruptible_on_the_cpu():
+    # Ctrl-C during a long native call must not wait for it: the call runs in a worker thread and
+    # the main thread waits in short steps; the interrupt asks the work to stop (on_interrupt).
+    import signal
+    import threading
+    import time
+
+    from refframe.frame import _interruptible, compute_running
+
+    assert _interruptible(torch.device("cpu"), lambda a, b=0: a + b, 2, b=3) == 5
+    with pytest.raises(ZeroDivisionError):
+        _interruptible(torch.device("cpu"), lambda: 1 / 0)
+
+    release = threading.Event()
+    asked = []
+    threading.Timer(0.2, signal.raise_signal, (signal.SIGINT,)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _interruptible(torch.device("cpu"), release.wait, 30, on_interrupt=lambda: asked.append(1))
+    assert time.monotonic() - t0 < 5 and asked == [1]
+    assert compute_running()  # still waiting: the command line then exits without joining it
+    release.set()
+    deadline = time.monotonic() + 5
+    while compute_running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not compute_running()

@@ -227,3 +227,33 @@ def test_gpu_without_a_passing_self_check_uses_torch(monkeypatch):
     with pytest.raises(BackendError, match="backend 'native' cannot run on cuda: its self-check failed there"):
         ops.resolve_backend("native", cuda)
     assert ops.resolve_backend("auto", torch.device("cpu")) == "native"
+
+
+def test_covariance_can_be_cancelled_between_row_blocks():
+    # An interrupted build asks the running kernel to stop; it raises at its next row block.
+    import threading
+    import time
+
+    from refframe import ops
+
+    W = torch.randn(400_000, 256).to(torch.bfloat16)
+    box = {}
+
+    def run():
+        try:
+            torch.ops.refframe.center_syrk(W)
+            box["result"] = "finished"
+        except RuntimeError as exc:
+            box["result"] = str(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 30
+    while ops.covariance_progress() is None and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    ops.cancel_covariance()
+    t.join()
+    assert "center_syrk: cancelled" in box["result"]
+    assert ops.covariance_progress() is None  # counters reset however the call ended
+    _, cov = torch.ops.refframe.center_syrk(W[:1000])  # the next call is not cancelled
+    assert torch.isfinite(cov).all()

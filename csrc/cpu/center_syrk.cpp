@@ -102,6 +102,7 @@ void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const Ker
 // Resets the progress counters when a call ends, however it ends.
 struct ProgressScope {
   explicit ProgressScope(int64_t n) {
+    covariance_progress().cancel.store(false);
     covariance_progress().done.store(0);
     covariance_progress().total.store(n);
   }
@@ -161,6 +162,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t r0 = blk * KC, kc = std::min(KC, n - r0);
+    TORCH_CHECK(!covariance_progress().cancel.load(std::memory_order_relaxed), "center_syrk: cancelled");
     const bool pack_next = blk + 1 < nblocks;
     const float* apack = pack_t.data_ptr<float>() + (blk & 1) * pack_floats;
     const float* bpack = apack + tri.pa * MR * kc;

@@ -48,6 +48,9 @@ const KernelSet& avx2_kernels();
 struct CovarianceProgress {
   std::atomic<int64_t> done{0};
   std::atomic<int64_t> total{0};
+  // Set to stop the running call at its next row block (it then throws "center_syrk: cancelled"):
+  // an interrupted build need not wait for the whole covariance. Cleared when a call starts.
+  std::atomic<bool> cancel{false};
 };
 CovarianceProgress& covariance_progress();
 

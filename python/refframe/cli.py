@@ -359,5 +359,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pass
 
 
+def entry() -> None:
+    """The `refframe` command. After an interrupt the process ends at once, without the interpreter's
+    shutdown: a native computation may still run in a worker thread (LAPACK cannot be stopped), and
+    a second signal (`timeout` signals the process and then its group) would otherwise land in the
+    shutdown. Outputs are complete or untouched either way, and temporary files are already gone."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second signal while the first one was being reported
+        code = 128 + signal.SIGINT
+    frame = sys.modules.get("refframe.frame")
+    if code >= 128 or (frame is not None and frame.compute_running()):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -391,7 +392,7 @@ def pca(
         if Wd is not W:
             timings["to_device"] = t1 - t0
         stage = f"computing the covariance ({used} backend)"
-        mean, cov = ops.covariance(Wd, backend=used)
+        mean, cov = _interruptible(dev, ops.covariance, Wd, backend=used, on_interrupt=ops.cancel_covariance)
         t2 = _now(dev)
         timings["covariance"] = t2 - t1
         if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(cov).all())):
@@ -400,7 +401,7 @@ def pca(
 
         stage = "computing the eigendecomposition"
         eig_dev = dev if dev.type == "cuda" else torch.device("cpu")
-        evals, evecs = torch.linalg.eigh(cov.to(eig_dev, eigh_dtype))
+        evals, evecs = _interruptible(eig_dev, torch.linalg.eigh, cov.to(eig_dev, eigh_dtype))
         evals = torch.flip(evals, dims=[0]).to("cpu", torch.float32)
         evecs = fix_signs(torch.flip(evecs, dims=[1]).to("cpu", torch.float32))
         timings["eigh"] = _now(dev) - t2
@@ -409,6 +410,52 @@ def pca(
     except (RuntimeError, MemoryError) as exc:
         raise _compute_error(exc, name, stage) from exc
     return mean.to("cpu"), evals, evecs.contiguous(), used, dev
+
+
+_PENDING: set[threading.Event] = set()  # one per worker still computing
+
+
+def compute_running() -> bool:
+    """Whether a computation left behind by an interrupt still runs in a worker thread (the command
+    line then ends the process without waiting for it)."""
+    return any(not done.is_set() for done in list(_PENDING))
+
+
+def _interruptible(device: torch.device, fn, *args, on_interrupt=None, **kwargs):
+    """fn(*args, **kwargs); on the CPU, called from the main thread, it runs in a worker thread
+    while the main thread waits in short steps, so Ctrl-C (and the CLI's SIGTERM/SIGHUP) interrupt
+    the wait at once instead of after a long native call returns. on_interrupt() then asks the work
+    to stop early (the covariance kernel stops at its next row block; LAPACK's eigh runs on, in the
+    background). GPU work stays on the calling thread: its current device and stream are per thread."""
+    if device.type != "cpu" or threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    box: dict[str, object] = {}
+    grad = torch.is_grad_enabled()
+    done = threading.Event()  # not Thread.is_alive(): an interrupted join() can leave it wrong
+
+    def work() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        finally:
+            done.set()
+            _PENDING.discard(done)
+
+    _PENDING.add(done)
+    threading.Thread(target=work, name="refframe-compute", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except BaseException:
+        if on_interrupt is not None:
+            on_interrupt()
+            done.wait(0.5)  # a cancelled covariance stops within one row block
+        raise
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]
 
 
 def _compute_error(exc: BaseException, name: str, stage: str) -> RefframeError:

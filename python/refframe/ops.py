@@ -193,6 +193,14 @@ def covariance_progress() -> tuple[int, int] | None:
     return (int(done), int(total)) if total > 0 else None
 
 
+def cancel_covariance() -> None:
+    """Ask the running native CPU covariance to stop at its next row block (it then raises
+    'center_syrk: cancelled'); nothing happens when none runs or the library is missing."""
+    fn = getattr(_C, "cancel_covariance", None)
+    if fn is not None:
+        fn()
+
+
 def _check_matrix(W: object, op: str) -> None:
     """A one-line InputError for what no backend can take: not a tensor, not 2-D, not floating point."""
     if not isinstance(W, torch.Tensor):
