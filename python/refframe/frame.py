@@ -13,7 +13,6 @@ import torch
 from . import ops
 from .errors import (
     BackendError,
-    ClusterIdsError,
     InputError,
     NonFiniteError,
     NumericalError,
@@ -130,28 +129,7 @@ def check_ids(ids: torch.Tensor, n: int, name: str = "cluster ids") -> torch.Ten
     Duplicate ids are accepted with a RefframeWarning and counted as often as they appear (the seed
     notebook's W[ids].mean(0) does the same).
     """
-    if not isinstance(ids, torch.Tensor):
-        try:
-            ids = torch.as_tensor(ids)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-            raise ClusterIdsError(f"{name}: not a tensor of integer ids ({_first_line(exc)})") from None
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ClusterIdsError(
-            f"{name}: expected an integer dtype, got {str(ids.dtype).removeprefix('torch.')}"
-        )
-    if ids.dim() != 1:
-        raise ClusterIdsError(f"{name}: expected a 1-D tensor, got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ClusterIdsError(f"{name}: empty; a centroid needs at least one id")
-    wraps = ids.dtype == getattr(torch, "uint64", None)  # values >= 2**63 turn negative in int64
-    ids = ids.to("cpu", torch.int64)
-    bad = (ids < 0) | (ids >= n)
-    if bool(bad.any()):
-        first = int(bad.nonzero()[0, 0])
-        value = int(ids[first]) + (2**64 if wraps and int(ids[first]) < 0 else 0)
-        raise ClusterIdsError(
-            f"{name}: {int(bad.sum())} id(s) outside [0, {n}); first: ids[{first}] = {value}"
-        )
+    ids = ops.validate_ids(ids, n, name).to("cpu")
     dup = duplicate_ids(ids)
     if dup is not None:
         count, pos = dup

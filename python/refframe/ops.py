@@ -213,36 +213,42 @@ def _check_matrix(W: object, op: str) -> None:
         raise InputError(f"{op}: W must have at least one row and one column, got shape {tuple(W.shape)}")
 
 
-def _device_ids(ids: object, W: torch.Tensor, op: str) -> torch.Tensor:
-    """ids as an integer tensor on W's device, checked first (where they are, usually the CPU): the
-    CUDA kernels assert on a bad id, which would leave the CUDA context unusable, and a list or an
-    out-of-range id gets the same ClusterIdsError on every device."""
-    _check_matrix(W, op)
+def validate_ids(ids: object, n: int, name: str = "cluster ids", *, allow_empty: bool = False) -> torch.Tensor:
+    """ids as a 1-D int64 tensor, checked where they are (usually the CPU) against N rows: integer
+    dtype, 1-D, non-empty unless allowed, every id in [0, N). A list or numpy array is accepted."""
     if not isinstance(ids, torch.Tensor):
         try:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-            raise ClusterIdsError(f"{op}: ids must be integer ids, got {type(ids).__name__} ({exc})") from None
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ClusterIdsError(f"{name}: not a tensor of integer ids ({first})") from None
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ClusterIdsError(f"{op}: ids must have an integer dtype, got {ids.dtype}")
+        raise ClusterIdsError(f"{name}: expected an integer dtype, got {str(ids.dtype).removeprefix('torch.')}")
     if ids.dim() != 1:
-        raise ClusterIdsError(f"{op}: ids must be 1-D, got shape {tuple(ids.shape)}")
+        raise ClusterIdsError(f"{name}: expected a 1-D tensor, got shape {tuple(ids.shape)}")
+    if ids.numel() == 0 and not allow_empty:
+        raise ClusterIdsError(f"{name}: empty; a centroid needs at least one id")
+    wraps = ids.dtype == getattr(torch, "uint64", None)  # values >= 2**63 turn negative in int64
     ids = ids.to(torch.int64)  # compared as int64: a uint8 tensor would wrap the bound
-    if ids.numel():
-        bad = (ids < 0) | (ids >= W.shape[0])
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            raise ClusterIdsError(
-                f"{op}: {int(bad.sum())} id(s) outside [0, {W.shape[0]}); first: ids[{first}] = {int(ids[first])}"
-            )
-    return ids.to(W.device)
+    bad = (ids < 0) | (ids >= n)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        value = int(ids[first]) + (2**64 if wraps and int(ids[first]) < 0 else 0)
+        raise ClusterIdsError(f"{name}: {int(bad.sum())} id(s) outside [0, {n}); first: ids[{first}] = {value}")
+    return ids
+
+
+def _device_ids(ids: object, W: torch.Tensor, op: str, *, allow_empty: bool = False) -> torch.Tensor:
+    """ids checked before any kernel sees them, then moved to W's device: the CUDA kernels assert on
+    a bad id, which would leave the CUDA context unusable, and a list or an out-of-range id gets the
+    same ClusterIdsError on every device."""
+    _check_matrix(W, op)
+    return validate_ids(ids, W.shape[0], f"{op}: ids", allow_empty=allow_empty).to(W.device)
 
 
 def gather_mean(W: torch.Tensor, ids: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Mean of the rows W[ids] as fp32 (d,); the native path accumulates in fp64 without copying rows."""
     ids = _device_ids(ids, W, "gather_mean")
-    if ids.numel() == 0:
-        raise ClusterIdsError("gather_mean: ids is empty; the mean of no rows is undefined")
     if resolve_backend(backend, W.device) == "native":
         return torch.ops.refframe.gather_mean(W, ids)
     return reference.gather_mean(W, ids)
@@ -252,7 +258,7 @@ def segment_mean(
     W: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
     """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass."""
-    ids = _device_ids(ids, W, "segment_mean")
+    ids = _device_ids(ids, W, "segment_mean", allow_empty=True)  # the offsets say what is empty
     if resolve_backend(backend, W.device) == "native":
         if W.device.type != "cpu":
             _check_offsets(offsets, ids.numel())
