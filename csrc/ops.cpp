@@ -27,8 +27,21 @@ PyObject* covariance_progress(PyObject*, PyObject*) {
   return Py_BuildValue("(LL)", static_cast<long long>(p.done.load()), static_cast<long long>(p.total.load()));
 }
 
-PyObject* cancel_covariance(PyObject*, PyObject*) {
-  refframe::cpu::covariance_progress().cancel.store(true);
+PyObject* thread_key(PyObject*, PyObject*) {
+  return PyLong_FromUnsignedLongLong(refframe::cpu::thread_key());
+}
+
+PyObject* cancel_covariance(PyObject*, PyObject* arg) {
+  const unsigned long long key = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  refframe::cpu::request_cancel(key);
+  Py_RETURN_NONE;
+}
+
+PyObject* clear_cancel(PyObject*, PyObject* arg) {
+  const unsigned long long key = PyLong_AsUnsignedLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  refframe::cpu::clear_cancel(key);
   Py_RETURN_NONE;
 }
 
@@ -36,8 +49,11 @@ PyMethodDef methods[] = {
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "Name of the CPU micro-kernel set chosen at run time."},
     {"covariance_progress", covariance_progress, METH_NOARGS,
      "(rows done, rows in all) of the running CPU center_syrk call; (0, 0) when none runs."},
-    {"cancel_covariance", cancel_covariance, METH_NOARGS,
-     "Stop the running CPU center_syrk call at its next row block (it raises 'cancelled')."},
+    {"thread_key", thread_key, METH_NOARGS, "Key of the calling thread for cancel_covariance."},
+    {"cancel_covariance", cancel_covariance, METH_O,
+     "cancel_covariance(key): stop the CPU center_syrk call of that thread at its next row block "
+     "(it raises 'cancelled'), or the next one it starts."},
+    {"clear_cancel", clear_cancel, METH_O, "clear_cancel(key): withdraw a cancel request."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "refframe native kernels", -1, methods,

@@ -193,7 +193,7 @@ def test_fresh_file_is_racy_and_rehashed(model, cache_on, monkeypatch):
     assert counter.calls == 2  # modified "just now": the index cannot vouch for it yet
 
 
-@pytest.mark.parametrize("change", ["normalised", "slice", "other", "last_row", "float32"])
+@pytest.mark.parametrize("change", ["normalised", "slice", "other", "last_row", "unsampled_row", "float32"])
 def test_api_source_that_is_not_this_w_is_ignored(model, cache_on, change):
     # source=(file, key) is only a hint to skip hashing: a W that is not that file's tensor gets its
     # own PCA (with a warning), and the file's index record is left alone.
@@ -210,6 +210,9 @@ def test_api_source_that_is_not_this_w_is_ignored(model, cache_on, change):
     elif change == "last_row":
         W2 = W.clone()
         W2[N - 1] += 1
+    elif change == "unsampled_row":  # row 1 is not among the spread-out rows looked at first
+        W2 = W.clone()
+        W2[1] *= 1000
     else:
         W2 = W.float()
     with pytest.warns(RefframeWarning, match="is not this W"):

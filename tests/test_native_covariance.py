@@ -230,7 +230,7 @@ def test_gpu_without_a_passing_self_check_uses_torch(monkeypatch):
 
 
 def test_covariance_can_be_cancelled_between_row_blocks():
-    # An interrupted build asks the running kernel to stop; it raises at its next row block.
+    # An interrupted build asks its running kernel to stop; it raises at its next row block.
     import threading
     import time
 
@@ -240,20 +240,36 @@ def test_covariance_can_be_cancelled_between_row_blocks():
     box = {}
 
     def run():
+        box["key"] = ops.thread_key()
         try:
             torch.ops.refframe.center_syrk(W)
             box["result"] = "finished"
         except RuntimeError as exc:
             box["result"] = str(exc)
+        finally:
+            ops.clear_cancel(box["key"])
 
     t = threading.Thread(target=run)
     t.start()
     deadline = time.monotonic() + 30
     while ops.covariance_progress() is None and t.is_alive() and time.monotonic() < deadline:
         time.sleep(0.0005)
-    ops.cancel_covariance()
+    ops.cancel_covariance(box["key"])
     t.join()
     assert "center_syrk: cancelled" in box["result"]
     assert ops.covariance_progress() is None  # counters reset however the call ended
-    _, cov = torch.ops.refframe.center_syrk(W[:1000])  # the next call is not cancelled
-    assert torch.isfinite(cov).all()
+
+
+def test_cancel_reaches_only_its_own_thread_and_can_come_first():
+    from refframe import ops
+
+    W = make_w(2000, 40, torch.float32)
+    me = ops.thread_key()
+    ops.cancel_covariance(me ^ 1)  # another thread's request leaves this call alone
+    assert torch.isfinite(torch.ops.refframe.center_syrk(W)[1]).all()
+    ops.clear_cancel(me ^ 1)
+    ops.cancel_covariance(me)  # a request made before the call starts is honoured
+    with pytest.raises(RuntimeError, match="center_syrk: cancelled"):
+        torch.ops.refframe.center_syrk(W)
+    ops.clear_cancel(me)  # withdrawn: the next call runs
+    assert torch.isfinite(torch.ops.refframe.center_syrk(W)[1]).all()

@@ -50,6 +50,7 @@ def test_gather_mean_bounds_checked(backend):
         gather_mean(W, torch.tensor([], dtype=torch.long), backend=backend)
     with pytest.raises(InputError, match="2-D"):
         gather_mean(W[0], torch.tensor([0]), backend=backend)
+    assert gather_mean(torch.zeros(5, 0), torch.tensor([1, 2]), backend=backend).shape == (0,)  # no columns
     # a list (or numpy array) of ids is taken as build_frame takes it
     assert torch.equal(gather_mean(W, [1, 2, 3], backend=backend), gather_mean(W, torch.tensor([1, 2, 3]), backend=backend))
 

@@ -20,6 +20,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <unordered_set>
 #include <vector>
 
 #include "syrk_kernel.h"
@@ -102,7 +106,6 @@ void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const Ker
 // Resets the progress counters when a call ends, however it ends.
 struct ProgressScope {
   explicit ProgressScope(int64_t n) {
-    covariance_progress().cancel.store(false);
     covariance_progress().done.store(0);
     covariance_progress().total.store(n);
   }
@@ -115,6 +118,7 @@ struct ProgressScope {
 template <typename T>
 void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, double* mean64, float* cov) {
   const ProgressScope progress(n);
+  const uint64_t caller = thread_key();
   const KernelSet& ks = active_kernels();
   const auto pack = Typed<T>::pack(ks);
   column_mean(w, n, d, row_stride, ks, mean64);
@@ -162,7 +166,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t r0 = blk * KC, kc = std::min(KC, n - r0);
-    TORCH_CHECK(!covariance_progress().cancel.load(std::memory_order_relaxed), "center_syrk: cancelled");
+    TORCH_CHECK(!cancel_requested(caller), "center_syrk: cancelled");
     const bool pack_next = blk + 1 < nblocks;
     const float* apack = pack_t.data_ptr<float>() + (blk & 1) * pack_floats;
     const float* bpack = apack + tri.pa * MR * kc;
@@ -248,6 +252,31 @@ std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
 CovarianceProgress& covariance_progress() {
   static CovarianceProgress progress;
   return progress;
+}
+
+namespace {
+std::mutex cancel_mutex;
+std::unordered_set<uint64_t>& cancelled() {
+  static std::unordered_set<uint64_t> keys;
+  return keys;
+}
+}  // namespace
+
+uint64_t thread_key() { return static_cast<uint64_t>(std::hash<std::thread::id>{}(std::this_thread::get_id())); }
+
+void request_cancel(uint64_t key) {
+  const std::lock_guard<std::mutex> lock(cancel_mutex);
+  cancelled().insert(key);
+}
+
+void clear_cancel(uint64_t key) {
+  const std::lock_guard<std::mutex> lock(cancel_mutex);
+  cancelled().erase(key);
+}
+
+bool cancel_requested(uint64_t key) {
+  const std::lock_guard<std::mutex> lock(cancel_mutex);
+  return cancelled().count(key) != 0;
 }
 
 }  // namespace refframe::cpu

@@ -48,11 +48,17 @@ const KernelSet& avx2_kernels();
 struct CovarianceProgress {
   std::atomic<int64_t> done{0};
   std::atomic<int64_t> total{0};
-  // Set to stop the running call at its next row block (it then throws "center_syrk: cancelled"):
-  // an interrupted build need not wait for the whole covariance. Cleared when a call starts.
-  std::atomic<bool> cancel{false};
 };
 CovarianceProgress& covariance_progress();
+
+// Cancellation, per calling thread: request_cancel(key) stops the center_syrk call running in the
+// thread whose thread_key() is key at its next row block (it throws "center_syrk: cancelled"), or
+// the next call that thread starts; clear_cancel(key) withdraws the request. So an interrupted
+// build need not wait for its covariance, and no other call is touched.
+uint64_t thread_key();
+void request_cancel(uint64_t key);
+void clear_cancel(uint64_t key);
+bool cancel_requested(uint64_t key);
 
 // The set used by center_syrk: AVX2 when the CPU has AVX2+FMA+F16C, else portable. The environment
 // variable REFFRAME_CPU_KERNEL=portable forces the portable set (used by the tests to compare them).

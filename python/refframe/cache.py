@@ -47,7 +47,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: writes stay atomic, only the lock is missing
     fcntl = None  # type: ignore[assignment]
 
-NUMERICS_VERSION = 1
+NUMERICS_VERSION = 2  # 2: the native covariance removes the rank-one term of its fp32-rounded mean
 ENTRY_FORMAT = "refframe-pca-cache/1"
 INDEX_FORMAT = "refframe-stat-index/1"
 INDEX_NAME = "index.json"
@@ -188,7 +188,7 @@ class PCACache:
 
     def lookup_stat(self, path: str | os.PathLike[str], key: str) -> str | None:
         """The content hash recorded for this unchanged file and tensor key, or None."""
-        p = Path(path).resolve()
+        p = Path(path).expanduser().resolve()
         try:
             st = os.stat(p)
         except (OSError, ValueError):
@@ -217,7 +217,7 @@ class PCACache:
     ) -> None:
         """Remember that (path, key) with this stat has content hash `w_hash` (hashing began at
         hashed_ns). Failures only warn."""
-        p = Path(path).resolve()
+        p = Path(path).expanduser().resolve()
         rec = {
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
@@ -258,7 +258,7 @@ class PCACache:
             if hit is not None:
                 return HashResult(hit, "stat", time.perf_counter() - t0, nbytes)
             try:
-                before = os.stat(Path(path).resolve())
+                before = os.stat(Path(path).expanduser().resolve())
             except (OSError, ValueError):
                 before = None
         hashed_ns = time.time_ns()
@@ -266,7 +266,7 @@ class PCACache:
         seconds = time.perf_counter() - t0
         if path is not None and before is not None:
             try:
-                after = os.stat(Path(path).resolve())
+                after = os.stat(Path(path).expanduser().resolve())
             except (OSError, ValueError):
                 after = None
             unchanged = after is not None and (

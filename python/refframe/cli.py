@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint_w
+    from .io import hash_tensor
     from .sources import load_ids, load_w, seed_paths
     from .verify import verify_frame
 
@@ -94,9 +96,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if ids_path is not None:
         ids, ck = load_ids(ids_path, args.cluster_key)
         ids_name = f"{ids_path}:{ck}"
+    w_hash = hash_tensor(W) if W is not None and len(files) > 1 else None  # once for all the files
     for path in files:
         say(f"Verifying {path}" + (f" against {against}" if against else ""))
-        res = verify_frame(path, W, ids, w_name=w_name, ids_name=ids_name)
+        res = verify_frame(path, W, ids, w_name=w_name, ids_name=ids_name, w_content_hash=w_hash)
         for line in res.checks:
             say(f"  ✓ {line}")
     say("✓ Verification passed" + (f" ({len(files)} files)" if len(files) > 1 else ""))
@@ -366,8 +369,9 @@ def entry() -> None:
     shutdown. Outputs are complete or untouched either way, and temporary files are already gone."""
     try:
         code = main()
-    except KeyboardInterrupt:  # a second signal while the first one was being reported
-        code = 128 + signal.SIGINT
+    except KeyboardInterrupt as exc:  # --debug re-raises it, or a second signal came meanwhile
+        traceback.print_exc()
+        code = 128 + int(getattr(exc, "signum", signal.SIGINT))
     frame = sys.modules.get("refframe.frame")
     if code >= 128 or (frame is not None and frame.compute_running()):
         for stream in (sys.stdout, sys.stderr):

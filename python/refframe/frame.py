@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -370,7 +371,7 @@ def pca(
         if Wd is not W:
             timings["to_device"] = t1 - t0
         stage = f"computing the covariance ({used} backend)"
-        mean, cov = _interruptible(dev, ops.covariance, Wd, backend=used, on_interrupt=ops.cancel_covariance)
+        mean, cov = _interruptible(dev, ops.covariance, Wd, backend=used, cancellable=True)
         t2 = _now(dev)
         timings["covariance"] = t2 - t1
         if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(cov).all())):
@@ -390,7 +391,7 @@ def pca(
     return mean.to("cpu"), evals, evecs.contiguous(), used, dev
 
 
-_PENDING: set[threading.Event] = set()  # one per worker still computing
+_PENDING: dict[threading.Event, dict] = {}  # workers still computing -> their box (holds "key")
 
 
 def compute_running() -> bool:
@@ -399,36 +400,55 @@ def compute_running() -> bool:
     return any(not done.is_set() for done in list(_PENDING))
 
 
-def _interruptible(device: torch.device, fn, *args, on_interrupt=None, **kwargs):
+@atexit.register
+def _finish_workers() -> None:
+    """At interpreter exit (a script stopped by Ctrl-C), let abandoned workers finish first: a thread
+    still inside torch or LAPACK when the interpreter shuts down would abort the process."""
+    for done, box in list(_PENDING.items()):
+        ops.cancel_covariance(box.get("key"))
+        done.wait()
+
+
+def _interruptible(device: torch.device, fn, *args, cancellable: bool = False, **kwargs):
     """fn(*args, **kwargs); on the CPU, called from the main thread, it runs in a worker thread
     while the main thread waits in short steps, so Ctrl-C (and the CLI's SIGTERM/SIGHUP) interrupt
-    the wait at once instead of after a long native call returns. on_interrupt() then asks the work
-    to stop early (the covariance kernel stops at its next row block; LAPACK's eigh runs on, in the
-    background). GPU work stays on the calling thread: its current device and stream are per thread."""
+    the wait at once instead of after a long native call returns. cancellable: fn is the native
+    covariance, asked on an interrupt to stop at its next row block (LAPACK's eigh cannot be stopped
+    and runs on in the background). GPU work stays on the calling thread: its current device and
+    stream are per thread."""
     if device.type != "cpu" or threading.current_thread() is not threading.main_thread():
         return fn(*args, **kwargs)
     box: dict[str, object] = {}
     grad = torch.is_grad_enabled()
     done = threading.Event()  # not Thread.is_alive(): an interrupted join() can leave it wrong
+    started = threading.Event()
 
     def work() -> None:
+        box["key"] = ops.thread_key()
+        started.set()
         try:
             with torch.set_grad_enabled(grad):
                 box["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the caller below
             box["error"] = exc
         finally:
+            ops.clear_cancel(box["key"])
             done.set()
-            _PENDING.discard(done)
+            _PENDING.pop(done, None)
 
-    _PENDING.add(done)
-    threading.Thread(target=work, name="refframe-compute", daemon=True).start()
+    _PENDING[done] = box
+    try:
+        threading.Thread(target=work, name="refframe-compute", daemon=True).start()
+    except BaseException:
+        _PENDING.pop(done, None)
+        raise
     try:
         while not done.wait(0.1):
             pass
     except BaseException:
-        if on_interrupt is not None:
-            on_interrupt()
+        if cancellable:
+            started.wait(1.0)
+            ops.cancel_covariance(box.get("key"))  # type: ignore[arg-type]
             done.wait(0.5)  # a cancelled covariance stops within one row block
         raise
     if "error" in box:

@@ -69,14 +69,20 @@ _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
 }
 SOURCE_SAMPLE_ROWS = 64
+SOURCE_CHUNK_BYTES = 64 << 20
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.to("cpu").contiguous().view(torch.uint8))
 
 
 def source_mismatch(W: torch.Tensor, source: tuple[str | os.PathLike[str], str]) -> str | None:
     """Why W is not the tensor `key` of the safetensors file `path` (None when it looks like it is).
 
     source is only a hint that lets an unchanged file skip hashing, so it must never change a result:
-    the file's tensor must have W's shape and dtype, and SOURCE_SAMPLE_ROWS rows spread over W (the
-    first and last included) must hold the same bytes. Only those rows are read."""
+    the file's tensor must have W's shape and dtype and the same bytes, row for row (SOURCE_SAMPLE_ROWS
+    spread-out rows first, then all of them in chunks): a W that is not the file's tensor would
+    otherwise get the file's cached PCA, or have its hash recorded for the file."""
     path, key = source
     try:
         from safetensors import safe_open
@@ -90,9 +96,13 @@ def source_mismatch(W: torch.Tensor, source: tuple[str | os.PathLike[str], str])
                 return f"the file's tensor is {dtype} {list(shape)}, W is {W.dtype} {list(W.shape)}"
             n = W.shape[0]
             rows = sorted({round(i * (n - 1) / max(1, SOURCE_SAMPLE_ROWS - 1)) for i in range(SOURCE_SAMPLE_ROWS)})
-            for r in rows:
-                if not torch.equal(sl[r : r + 1], W[r : r + 1].to("cpu")):
+            for r in rows:  # a cheap first look; most mismatches show here
+                if not _same_bytes(sl[r : r + 1], W[r : r + 1]):
                     return f"row {r} differs"
+            step = max(1, SOURCE_CHUNK_BYTES // max(1, W.shape[1] * W.element_size()))
+            for r0 in range(0, n, step):  # then every row: the hint must never change a result
+                if not _same_bytes(sl[r0 : r0 + step], W[r0 : r0 + step]):
+                    return f"rows {r0}-{min(n, r0 + step) - 1} differ"
     except Exception as exc:  # unreadable or not safetensors: the hint is unusable, not an error
         return f"cannot read it: {exc}"
     return None
@@ -132,7 +142,8 @@ def build_frames(
     named = {k: check_ids(v, W.shape[0], f"cluster {k!r}") for k, v in _named(clusters).items()}
     if not named:
         raise ClusterIdsError("clusters: no cluster given (pass {name: ids} with at least one entry)")
-    if source is not None:
+    caching = use_cache if use_cache is not None else not cache_disabled_by_env()
+    if source is not None and caching and w_hash is None:
         why = source_mismatch(W, source)
         if why is not None:
             warnings.warn(
@@ -147,9 +158,7 @@ def build_frames(
         backend=backend,
         device=device,
         eigh_dtype=eigh_dtype,
-        cache=PCACache(cache_dir)
-        if (use_cache if use_cache is not None else not cache_disabled_by_env())
-        else None,
+        cache=PCACache(cache_dir) if caching else None,
         source=source,
         w_hash=w_hash,
         name=name,

@@ -193,12 +193,25 @@ def covariance_progress() -> tuple[int, int] | None:
     return (int(done), int(total)) if total > 0 else None
 
 
-def cancel_covariance() -> None:
-    """Ask the running native CPU covariance to stop at its next row block (it then raises
-    'center_syrk: cancelled'); nothing happens when none runs or the library is missing."""
+def thread_key() -> int | None:
+    """The calling thread's key for cancel_covariance (None without the native library)."""
+    fn = getattr(_C, "thread_key", None)
+    return None if fn is None else int(fn())
+
+
+def cancel_covariance(key: int | None) -> None:
+    """Ask the native CPU covariance running in the thread with this key (or the next one it starts)
+    to stop at its next row block; it then raises 'center_syrk: cancelled'. No other call is touched."""
     fn = getattr(_C, "cancel_covariance", None)
-    if fn is not None:
-        fn()
+    if fn is not None and key is not None:
+        fn(key)
+
+
+def clear_cancel(key: int | None) -> None:
+    """Withdraw a cancel request for that thread (its work is over)."""
+    fn = getattr(_C, "clear_cancel", None)
+    if fn is not None and key is not None:
+        fn(key)
 
 
 def _check_matrix(W: object, op: str) -> None:
@@ -209,7 +222,7 @@ def _check_matrix(W: object, op: str) -> None:
         raise InputError(f"{op}: W must be 2-D (N, d), got shape {tuple(W.shape)}")
     if not W.dtype.is_floating_point:
         raise InputError(f"{op}: W must be floating point (bfloat16, float16, float32), got {W.dtype}")
-    if W.shape[0] < 1 or W.shape[1] < 1:
+    if W.shape[0] < 1 or (W.shape[1] < 1 and op == "covariance"):  # a mean of no columns is empty
         raise InputError(f"{op}: W must have at least one row and one column, got shape {tuple(W.shape)}")
 
 
