@@ -197,3 +197,20 @@ def test_entry_ends_an_interrupted_run_without_the_interpreter_shutdown(monkeypa
     with pytest.raises(Exited if fast else SystemExit) as info:
         cli_mod.entry()
     assert info.value.args[0] == code if fast else info.value.code == code
+
+
+def test_every_public_name_resolves_and_is_typed():
+    import ast
+
+    for name in refframe.__all__:
+        assert getattr(refframe, name) is not None, name
+    # the TYPE_CHECKING imports (for editors) name exactly the lazily loaded attributes
+    tree = ast.parse(Path(refframe.__file__).read_text())
+    typed = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for imp in node.body
+        for alias in imp.names
+    }
+    assert typed == set(refframe._LAZY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from .errors import (
     BackendError,
@@ -19,6 +20,15 @@ from .errors import (
     ResourceError,
     VerificationError,
 )
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
+    from .cache import PCACache
+    from .checkpoint import load_checkpoint_w
+    from .frame import Frame, VarianceReport, build_frame, pca
+    from .framefile import load_frame, save_frame
+    from .multi import build_frame_cached, build_frames, save_frames
+    from .ops import covariance, gather_mean, native_available, native_status, segment_mean
+    from .verify import VerifyResult, verify_frame
 
 # The rest of the API loads torch, so it is imported on first use: `import refframe` (and the
 # command line's --help) stays fast, and Ctrl-C while torch loads is an ordinary interrupt.
