@@ -273,3 +273,46 @@ def test_cancel_reaches_only_its_own_thread_and_can_come_first():
         torch.ops.refframe.center_syrk(W)
     ops.clear_cancel(me)  # withdrawn: the next call runs
     assert torch.isfinite(torch.ops.refframe.center_syrk(W)[1]).all()
+
+
+def test_an_abandoned_call_leaves_a_newer_calls_progress_alone():
+    # A cancelled (abandoned) call that ends while a newer one runs must not reset its progress.
+    import threading
+    import time
+
+    from refframe import ops
+
+    def start(W, box):
+        def run():
+            box["key"] = ops.thread_key()
+            try:
+                torch.ops.refframe.center_syrk(W)
+            except RuntimeError as exc:
+                box["error"] = str(exc)
+            finally:
+                ops.clear_cancel(box["key"])
+
+        t = threading.Thread(target=run)
+        t.start()
+        return t
+
+    def wait_for_total(n):
+        deadline = time.monotonic() + 30
+        while (ops.covariance_progress() or (0, 0))[1] != n and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        return (ops.covariance_progress() or (0, 0))[1] == n
+
+    old, new = {}, {}
+    W_old = torch.randn(300_000, 512).to(torch.bfloat16)  # about a second each, on a core each
+    W_new = torch.randn(200_000, 512).to(torch.bfloat16)
+    t_old = start(W_old, old)
+    assert wait_for_total(300_000)
+    t_new = start(W_new, new)
+    assert wait_for_total(200_000)
+    ops.cancel_covariance(old["key"])
+    t_old.join()
+    assert "cancelled" in old["error"]
+    assert t_new.is_alive() and (ops.covariance_progress() or (0, 0))[1] == 200_000
+    ops.cancel_covariance(new["key"])
+    t_new.join()
+    assert ops.covariance_progress() is None

@@ -103,13 +103,22 @@ void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const Ker
   });
 }
 
-// Resets the progress counters when a call ends, however it ends.
+// Owns the progress counters from the start of a call to its end, however it ends.
 struct ProgressScope {
-  explicit ProgressScope(int64_t n) {
+  const int64_t id;
+  explicit ProgressScope(int64_t n) : id(covariance_progress().calls.fetch_add(1) + 1) {
+    covariance_progress().owner.store(id);
     covariance_progress().done.store(0);
     covariance_progress().total.store(n);
   }
+  // Only the call that owns the counters moves them: an older call still running (one abandoned
+  // after an interrupt) cannot reset or advance a newer call's progress.
+  void advance(int64_t rows) const {
+    if (covariance_progress().owner.load(std::memory_order_relaxed) == id)
+      covariance_progress().done.store(rows, std::memory_order_relaxed);
+  }
   ~ProgressScope() {
+    if (covariance_progress().owner.load() != id) return;
     covariance_progress().total.store(0);
     covariance_progress().done.store(0);
   }
@@ -190,7 +199,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
         }
       }
     });
-    covariance_progress().done.store(r0 + kc, std::memory_order_relaxed);
+    progress.advance(r0 + kc);
   }
 
   const double inv_n = 1.0 / static_cast<double>(n);

@@ -48,6 +48,8 @@ const KernelSet& avx2_kernels();
 struct CovarianceProgress {
   std::atomic<int64_t> done{0};
   std::atomic<int64_t> total{0};
+  std::atomic<int64_t> owner{0};  // the call the counters belong to: the one that started last
+  std::atomic<int64_t> calls{0};
 };
 CovarianceProgress& covariance_progress();
 
