@@ -210,7 +210,7 @@ def test_api_source_that_is_not_this_w_is_ignored(model, cache_on, change):
     elif change == "last_row":
         W2 = W.clone()
         W2[N - 1] += 1
-    elif change == "unsampled_row":  # row 1 is not among the spread-out rows looked at first
+    elif change == "unsampled_row":  # one row in the middle of the first chunk
         W2 = W.clone()
         W2[1] *= 1000
     else:

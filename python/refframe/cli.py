@@ -23,6 +23,7 @@ from .names import CLUSTER_FILENAME, DEFAULT_FILENAME, EIGH_DTYPE_NAMES, W_FILEN
 def say(*args: object) -> None:
     print(*args, flush=True)
 
+
 BACKEND_HELP = "auto (native kernels where they run, else pure torch), native, or torch (the notebook's maths)"
 
 
@@ -35,25 +36,6 @@ def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--cluster", **many, help="safetensors file holding the cluster token ids")
     p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W)")
     p.add_argument("--cluster-key", help="key of the ids in their file (default: cluster_token_ids)")
-
-
-def run_verify(path: Path, w_path: Path | None, ids_path: Path | None, w_key=None, cluster_key=None) -> None:
-    from .sources import load_ids, load_w
-    from .verify import verify_frame
-
-    W = ids = None
-    w_name, ids_name = "W", "cluster ids"
-    if w_path is not None:
-        W, wk = load_w(w_path, w_key)
-        w_name = f"{w_path}:{wk}"
-        if ids_path is not None:
-            ids, ck = load_ids(ids_path, cluster_key)
-            ids_name = f"{ids_path}:{ck}"
-    say(f"Verifying {path}" + (f" against {w_path}" if w_path else ""))
-    res = verify_frame(path, W, ids, w_name=w_name, ids_name=ids_name)
-    for line in res.checks:
-        say(f"  ✓ {line}")
-    say("✓ Verification passed")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -141,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     build = ["build", "--model-dir", str(model_dir), "--backend", args.backend, "--device", args.device, "--no-cache"]
     build_models(build_parser().parse_args(build))
     say("")
-    run_verify(model_dir / DEFAULT_FILENAME, w_path, ids_path)
+    cmd_verify(build_parser().parse_args(["verify", str(model_dir / DEFAULT_FILENAME), "--model-dir", str(model_dir)]))
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 from . import io as _io
 from . import ops
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
-from .errors import ClusterIdsError, RefframeWarning
+from .errors import ClusterIdsError, RefframeError, RefframeWarning
 from .frame import Frame, _compute_error, check_ids, check_memory, check_w, pca, plan
 from .framefile import KEY_EIGENVALUES, KEY_EIGENVECTORS, frame_file_chunks, frame_tensors
 from .io import atomic_write_files, hash_tensor
@@ -62,48 +62,29 @@ class BuildResult:
     pca_device: str = ""
 
 
-_SAFETENSORS_DTYPES = {
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-}
-SOURCE_SAMPLE_ROWS = 64
 SOURCE_CHUNK_BYTES = 64 << 20
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.contiguous().view(torch.uint8), b.to("cpu").contiguous().view(torch.uint8))
-
-
 def source_mismatch(W: torch.Tensor, source: tuple[str | os.PathLike[str], str]) -> str | None:
-    """Why W is not the tensor `key` of the safetensors file `path` (None when it looks like it is).
+    """Why W is not the tensor `key` of the safetensors file `path` (None when it is).
 
     source is only a hint that lets an unchanged file skip hashing, so it must never change a result:
-    the file's tensor must have W's shape and dtype and the same bytes, row for row (SOURCE_SAMPLE_ROWS
-    spread-out rows first, then all of them in chunks): a W that is not the file's tensor would
-    otherwise get the file's cached PCA, or have its hash recorded for the file."""
+    the file's tensor must have W's dtype and shape and the same bytes, compared in row chunks of
+    SOURCE_CHUNK_BYTES (one read of the file): a W that is not the file's tensor would otherwise get
+    the file's cached PCA, or have its hash recorded for the file."""
     path, key = source
     try:
-        from safetensors import safe_open
-
-        with safe_open(os.fspath(Path(path).expanduser()), framework="pt") as f:
-            if key not in f.keys():
-                return f"no key {key!r} in the file"
-            sl = f.get_slice(key)
-            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-            if shape != tuple(W.shape) or dtype != _SAFETENSORS_DTYPES.get(W.dtype):
-                return f"the file's tensor is {dtype} {list(shape)}, W is {W.dtype} {list(W.shape)}"
-            n = W.shape[0]
-            rows = sorted({round(i * (n - 1) / max(1, SOURCE_SAMPLE_ROWS - 1)) for i in range(SOURCE_SAMPLE_ROWS)})
-            for r in rows:  # a cheap first look; most mismatches show here
-                if not _same_bytes(sl[r : r + 1], W[r : r + 1]):
-                    return f"row {r} differs"
-            step = max(1, SOURCE_CHUNK_BYTES // max(1, W.shape[1] * W.element_size()))
-            for r0 in range(0, n, step):  # then every row: the hint must never change a result
-                if not _same_bytes(sl[r0 : r0 + step], W[r0 : r0 + step]):
-                    return f"rows {r0}-{min(n, r0 + step) - 1} differ"
-    except Exception as exc:  # unreadable or not safetensors: the hint is unusable, not an error
+        f = _io.SafetensorsFile(path)
+        dtype, shape = f.info(key)
+        if dtype != W.dtype or shape != tuple(W.shape):
+            return f"the file's tensor is {dtype} {list(shape)}, W is {W.dtype} {list(W.shape)}"
+        T = f.tensor(key)
+        step = max(1, SOURCE_CHUNK_BYTES // max(1, W.shape[1] * W.element_size()))
+        for r0 in range(0, W.shape[0], step):
+            a, b = T[r0 : r0 + step].contiguous(), W[r0 : r0 + step].to("cpu").contiguous()
+            if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                return f"rows {r0}-{min(W.shape[0], r0 + step) - 1} differ"
+    except (RefframeError, OSError) as exc:  # unreadable: the hint is unusable, not an error
         return f"cannot read it: {exc}"
     return None
 

@@ -214,7 +214,7 @@ def clear_cancel(key: int | None) -> None:
         fn(key)
 
 
-def _check_matrix(W: object, op: str) -> None:
+def _check_matrix(W: object, op: str, *, min_columns: int = 1) -> None:
     """A one-line InputError for what no backend can take: not a tensor, not 2-D, not floating point."""
     if not isinstance(W, torch.Tensor):
         raise InputError(f"{op}: W must be a torch.Tensor (N, d), got {type(W).__name__}")
@@ -222,7 +222,7 @@ def _check_matrix(W: object, op: str) -> None:
         raise InputError(f"{op}: W must be 2-D (N, d), got shape {tuple(W.shape)}")
     if not W.dtype.is_floating_point:
         raise InputError(f"{op}: W must be floating point (bfloat16, float16, float32), got {W.dtype}")
-    if W.shape[0] < 1 or (W.shape[1] < 1 and op == "covariance"):  # a mean of no columns is empty
+    if W.shape[0] < 1 or W.shape[1] < min_columns:
         raise InputError(f"{op}: W must have at least one row and one column, got shape {tuple(W.shape)}")
 
 
@@ -255,7 +255,7 @@ def _device_ids(ids: object, W: torch.Tensor, op: str, *, allow_empty: bool = Fa
     """ids checked before any kernel sees them, then moved to W's device: the CUDA kernels assert on
     a bad id, which would leave the CUDA context unusable, and a list or an out-of-range id gets the
     same ClusterIdsError on every device."""
-    _check_matrix(W, op)
+    _check_matrix(W, op, min_columns=0)  # a mean of no columns is empty, not an error
     return validate_ids(ids, W.shape[0], f"{op}: ids", allow_empty=allow_empty).to(W.device)
 
 
