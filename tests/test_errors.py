@@ -689,16 +689,23 @@ def test_same_output_path_twice_is_refused(tmp_path):
     assert snapshot(d) == before
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_signal_during_renames_is_held_until_every_file_is_in_place(model, capsys, monkeypatch, sig):
+def _clusters_with_previous_frames(model, k: int, step: int) -> tuple[Path, list[str]]:
+    """k cluster files c0..c{k-1} (ids k, k + step, ...) and, in model/frames, a previous frame file
+    "old {i}" for each, as a multi-cluster build would replace them."""
     out_dir = model["dir"] / "frames"
     out_dir.mkdir()
     clusters = []
-    for k in range(3):
-        c = model["dir"] / f"c{k}.safetensors"
-        save_file({"cluster_token_ids": torch.arange(k, N, 5)}, c)
+    for i in range(k):
+        c = model["dir"] / f"c{i}.safetensors"
+        save_file({"cluster_token_ids": torch.arange(i, N, step)}, c)
         clusters.append(str(c))
-        (out_dir / f"1.6a_cluster_reference_frame.c{k}.safetensors").write_bytes(b"old")
+        (out_dir / f"1.6a_cluster_reference_frame.c{i}.safetensors").write_bytes(f"old {i}".encode())
+    return out_dir, clusters
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_during_renames_is_held_until_every_file_is_in_place(model, capsys, monkeypatch, sig):
+    out_dir, clusters = _clusters_with_previous_frames(model, 3, step=5)
     real = rio.os.replace
     sent = []
 
@@ -884,14 +891,7 @@ def test_interrupted_build_subprocess(model, sig, stage):
 def test_interrupted_multi_cluster_write_subprocess(model, sig):
     """Several frames are written by several threads at once; a signal while one of them is half
     written leaves every previous output byte for byte and no temporary file."""
-    out_dir = model["dir"] / "frames"
-    out_dir.mkdir()
-    clusters = []
-    for k in range(6):
-        c = model["dir"] / f"c{k}.safetensors"
-        save_file({"cluster_token_ids": torch.arange(k, N, 7)}, c)
-        clusters.append(str(c))
-        (out_dir / f"1.6a_cluster_reference_frame.c{k}.safetensors").write_bytes(f"old {k}".encode())
+    out_dir, clusters = _clusters_with_previous_frames(model, 6, step=7)
     before = snapshot(model["dir"])
     argv = ["build", "--W", str(model["W"]), "--cluster", *clusters, "--out-dir", str(out_dir)]
     proc = _spawn([sys.executable, "-c", DRIVER, "write", *argv])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -229,34 +231,44 @@ def test_gpu_without_a_passing_self_check_uses_torch(monkeypatch):
     assert ops.resolve_backend("auto", torch.device("cpu")) == "native"
 
 
-def test_covariance_can_be_cancelled_between_row_blocks():
-    # An interrupted build asks its running kernel to stop; it raises at its next row block.
-    import threading
-    import time
-
+def _start_covariance(W, box):
+    """center_syrk(W) in a new thread; box gets the thread's cancel key and, if it fails, "error"."""
     from refframe import ops
-
-    W = torch.randn(400_000, 256).to(torch.bfloat16)
-    box = {}
 
     def run():
         box["key"] = ops.thread_key()
         try:
             torch.ops.refframe.center_syrk(W)
-            box["result"] = "finished"
         except RuntimeError as exc:
-            box["result"] = str(exc)
+            box["error"] = str(exc)
         finally:
             ops.clear_cancel(box["key"])
 
     t = threading.Thread(target=run)
     t.start()
-    deadline = time.monotonic() + 30
-    while ops.covariance_progress() is None and t.is_alive() and time.monotonic() < deadline:
+    return t
+
+
+def _wait_for_progress(done, timeout_s=30.0):
+    """Polls until done(covariance_progress()) holds (or time runs out); returns whether it did."""
+    from refframe import ops
+
+    deadline = time.monotonic() + timeout_s
+    while not done(ops.covariance_progress()) and time.monotonic() < deadline:
         time.sleep(0.0005)
+    return done(ops.covariance_progress())
+
+
+def test_covariance_can_be_cancelled_between_row_blocks():
+    # An interrupted build asks its running kernel to stop; it raises at its next row block.
+    from refframe import ops
+
+    box = {}
+    t = _start_covariance(torch.randn(400_000, 256).to(torch.bfloat16), box)
+    _wait_for_progress(lambda p: p is not None or not t.is_alive())
     ops.cancel_covariance(box["key"])
     t.join()
-    assert "center_syrk: cancelled" in box["result"]
+    assert "center_syrk: cancelled" in box.get("error", "finished")
     assert ops.covariance_progress() is None  # counters reset however the call ended
 
 
@@ -277,38 +289,18 @@ def test_cancel_reaches_only_its_own_thread_and_can_come_first():
 
 def test_an_abandoned_call_leaves_a_newer_calls_progress_alone():
     # A cancelled (abandoned) call that ends while a newer one runs must not reset its progress.
-    import threading
-    import time
-
     from refframe import ops
 
-    def start(W, box):
-        def run():
-            box["key"] = ops.thread_key()
-            try:
-                torch.ops.refframe.center_syrk(W)
-            except RuntimeError as exc:
-                box["error"] = str(exc)
-            finally:
-                ops.clear_cancel(box["key"])
-
-        t = threading.Thread(target=run)
-        t.start()
-        return t
-
-    def wait_for_total(n):
-        deadline = time.monotonic() + 30
-        while (ops.covariance_progress() or (0, 0))[1] != n and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        return (ops.covariance_progress() or (0, 0))[1] == n
+    def total_is(n):
+        return lambda p: (p or (0, 0))[1] == n
 
     old, new = {}, {}
     W_old = torch.randn(300_000, 512).to(torch.bfloat16)  # about a second each, on a core each
     W_new = torch.randn(200_000, 512).to(torch.bfloat16)
-    t_old = start(W_old, old)
-    assert wait_for_total(300_000)
-    t_new = start(W_new, new)
-    assert wait_for_total(200_000)
+    t_old = _start_covariance(W_old, old)
+    assert _wait_for_progress(total_is(300_000))
+    t_new = _start_covariance(W_new, new)
+    assert _wait_for_progress(total_is(200_000))
     ops.cancel_covariance(old["key"])
     t_old.join()
     assert "cancelled" in old["error"]
