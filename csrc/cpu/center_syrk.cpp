@@ -20,8 +20,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <functional>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <unordered_set>
 #include <vector>
@@ -31,18 +33,16 @@
 namespace refframe::cpu {
 namespace {
 
-constexpr int64_t KC = 512;             // rows per block: one packing, one pass over the triangle
-constexpr int64_t RUN = 128;            // rows per fp32 register sum before it is added into fp64
-constexpr int64_t MC_PANELS = 8;        // A panels per work item: 128 x KC fp32 = 256 KiB (L2)
-constexpr int64_t JB_CHUNK = 24;        // B panels per work item
-constexpr int64_t TILE = MR * NR;       // doubles per fp64 tile
+constexpr int64_t RUN = 128;  // rows per fp32 register sum before it is added into fp64
 
+// The tiles of the upper triangle for an MR x NR micro-tile (MR, NR: the kernel set's).
 struct Triangle {
-  int64_t d, pa, pb;
+  int64_t d, MR, NR, TILE, pa, pb;
   std::vector<int64_t> first_tile;  // per B panel: index of its tile (0, jb); tiles ia < rows(jb)
   int64_t tiles = 0;
 
-  explicit Triangle(int64_t d_) : d(d_), pa((d_ + MR - 1) / MR), pb((d_ + NR - 1) / NR) {
+  Triangle(int64_t d_, int64_t mr, int64_t nr)
+      : d(d_), MR(mr), NR(nr), TILE(mr * nr), pa((d_ + mr - 1) / mr), pb((d_ + nr - 1) / nr) {
     first_tile.resize(pb);
     for (int64_t jb = 0; jb < pb; ++jb) {
       first_tile[jb] = tiles;
@@ -59,18 +59,31 @@ struct WorkItem {
   int64_t ia0, ia1, jb0, jb1, cost;
 };
 
-std::vector<WorkItem> make_items(const Triangle& t) {
+std::vector<WorkItem> items_of(const Triangle& t, int64_t mc_panels, int64_t jb_chunk) {
   std::vector<WorkItem> items;
-  for (int64_t ia0 = 0; ia0 < t.pa; ia0 += MC_PANELS) {
-    const int64_t ia1 = std::min(t.pa, ia0 + MC_PANELS);
-    for (int64_t jb0 = t.first_col(ia0); jb0 < t.pb; jb0 += JB_CHUNK) {
-      const int64_t jb1 = std::min(t.pb, jb0 + JB_CHUNK);
+  for (int64_t ia0 = 0; ia0 < t.pa; ia0 += mc_panels) {
+    const int64_t ia1 = std::min(t.pa, ia0 + mc_panels);
+    for (int64_t jb0 = t.first_col(ia0); jb0 < t.pb; jb0 += jb_chunk) {
+      const int64_t jb1 = std::min(t.pb, jb0 + jb_chunk);
       int64_t cost = 0;
       for (int64_t jb = jb0; jb < jb1; ++jb) cost += std::max<int64_t>(0, std::min(ia1, t.rows(jb)) - ia0);
       if (cost > 0) items.push_back({ia0, ia1, jb0, jb1, cost});
     }
   }
+  // Largest first, so the last items the threads take are the small ones near the diagonal.
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& x, const WorkItem& y) { return x.cost > y.cost; });
   return items;
+}
+// Work items of about mc_cols x jb_cols of the triangle (the kernel set's sizes), made smaller
+// while there are fewer than 4 per thread.
+std::vector<WorkItem> make_items(const Triangle& t, int64_t mc_cols, int64_t jb_cols, int64_t threads) {
+  int64_t mc_panels = std::max<int64_t>(1, mc_cols / t.MR), jb_chunk = std::max<int64_t>(1, jb_cols / t.NR);
+  for (;;) {
+    std::vector<WorkItem> items = items_of(t, mc_panels, jb_chunk);
+    if (static_cast<int64_t>(items.size()) >= 4 * threads || (mc_panels == 1 && jb_chunk == 1)) return items;
+    if (jb_chunk == 1 || (mc_panels > 1 && mc_panels * t.MR >= jb_chunk * t.NR)) mc_panels /= 2;
+    else jb_chunk /= 2;
+  }
 }
 
 template <typename T>
@@ -132,11 +145,13 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const auto pack = Typed<T>::pack(ks);
   column_mean(w, n, d, row_stride, ks, mean64);
 
-  const Triangle tri(d);
-  std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 8, 0.0f);
+  const Triangle tri(d, ks.mr, ks.nr);
+  const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE, KC = ks.kc;
+  std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
   for (int64_t j = 0; j < d; ++j) mean32[j] = static_cast<float>(mean64[j]);
 
-  const auto items = make_items(tri);
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const auto items = make_items(tri, ks.mc_cols, ks.jb_cols, nthreads);
 
   // 64-byte aligned scratch: two sets of A and B packs (the block being multiplied and the next one,
   // packed meanwhile) and the fp64 tile accumulator.
@@ -156,12 +171,33 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     float* dst = is_a ? base + p * kc * MR : base + tri.pa * MR * kc + (p - tri.pa) * kc * NR;
     pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
   };
-  constexpr int64_t PACK_CHUNK = 8;  // panels per grab
-  const int64_t npanels = tri.pa + tri.pb;
-  const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
-  auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
-    for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p) pack_panel(r0, s, p);
+  // Column groups of lcm(MR, NR) columns: the group's A panels are packed from W, then its B panels
+  // are copied from those A panels (the same fp32 values), so W is read once per block.
+  const int64_t G = std::lcm(MR, NR);
+  const int64_t groups = (tri.pb * NR + G - 1) / G;
+  auto pack_chunk = [&](int64_t r0, int64_t s, int64_t g) {
+    const int64_t kc = std::min(KC, n - r0);
+    float* base = pack_t.data_ptr<float>() + s * pack_floats;
+    for (int64_t p = g * G / MR; p < std::min(tri.pa, (g + 1) * G / MR); ++p) pack_panel(r0, s, p);
+    const float* apack = base;
+    float* bpack = base + tri.pa * MR * kc;
+    for (int64_t q = g * G / NR; q < std::min(tri.pb, (g + 1) * G / NR); ++q) {
+      float* dst = bpack + q * kc * NR;
+      // Columns [q NR, q NR + NR) lie in at most two A panels; columns past the A panels are 0.
+      for (int64_t c0 = q * NR; c0 < q * NR + NR;) {
+        const int64_t p = c0 / MR, off = c0 % MR, len = std::min(q * NR + NR, (p + 1) * MR) - c0;
+        float* o = dst + (c0 - q * NR);
+        if (p >= tri.pa) {
+          for (int64_t k = 0; k < kc; ++k) std::fill(o + k * NR, o + k * NR + len, 0.0f);
+        } else {
+          const float* src = apack + p * kc * MR + off;
+          for (int64_t k = 0; k < kc; ++k) std::memcpy(o + k * NR, src + k * MR, len * sizeof(float));
+        }
+        c0 += len;
+      }
+    }
   };
+  const int64_t pack_chunks = groups;
 
   at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) pack_chunk(0, 0, c);
@@ -172,7 +208,6 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   // within a block each tile is computed by exactly one thread, and the blocks are added into the
   // fp64 tiles in row order (the region ends before the next block starts).
   const int64_t nblocks = (n + KC - 1) / KC;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t r0 = blk * KC, kc = std::min(KC, n - r0);
     TORCH_CHECK(!cancel_requested(caller), "center_syrk: cancelled");
@@ -194,7 +229,12 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
           for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
             const float* a = apack + ia * kc * MR;
             double* c = acc + (tri.first_tile[jb] + ia) * TILE;
-            for (int64_t k0 = 0; k0 < kc; k0 += RUN) ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * NR, c);
+            // The tile after this one in the item, whose fp64 lines our first run prefetches.
+            const double* next = nullptr;
+            if (ia + 1 < ia_end) next = c + TILE;
+            else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
+            for (int64_t k0 = 0; k0 < kc; k0 += RUN)
+              ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * NR, c, k0 == 0 ? next : nullptr);
           }
         }
       }

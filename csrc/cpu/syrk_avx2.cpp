@@ -7,6 +7,9 @@
 namespace refframe::cpu {
 namespace {
 
+constexpr int64_t MR = 16;
+constexpr int64_t NR = 6;
+
 // Exact conversions to fp32 of 8 consecutive values, or of the first 6 (masked: never reads past
 // them, so the last row of a matrix is safe). bf16 -> fp32 is a 16-bit left shift of the bits.
 inline __m256 bf16_to_f32(__m128i raw) {
@@ -91,7 +94,9 @@ void accumulate_f32_avx2(const float* src, int64_t d, double* acc) {
 
 // 16x6 register tile: 12 ymm accumulators, 2 ymm for the A column, 1 for the broadcast B value.
 // Per k: 2 loads + 6 broadcasts feed 12 FMAs, so the two FMA pipes stay busy.
-void micro_avx2(int64_t kc, const float* a, const float* b, double* c) {
+void micro_avx2(int64_t kc, const float* a, const float* b, double* c, const double* pf) {
+  if (pf != nullptr)
+    for (int64_t j = 0; j < MR * NR; j += 8) _mm_prefetch(reinterpret_cast<const char*>(pf + j), _MM_HINT_T0);
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c02 = _mm256_setzero_ps();
   __m256 c03 = _mm256_setzero_ps(), c04 = _mm256_setzero_ps(), c05 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(), c12 = _mm256_setzero_ps();
@@ -154,6 +159,11 @@ void micro_avx2(int64_t kc, const float* a, const float* b, double* c) {
 
 const KernelSet& avx2_kernels() {
   static const KernelSet set{"avx2",
+                             MR,
+                             NR,
+                             512,
+                             128,
+                             144,
                              pack_avx2<LoadBF16>,
                              pack_avx2<LoadF16>,
                              pack_avx2<LoadF32>,

@@ -13,16 +13,17 @@
 
 namespace refframe::cpu {
 
-// Micro-tile: MR rows (vector side) x NR columns (broadcast side) of the covariance.
-constexpr int64_t MR = 16;
-constexpr int64_t NR = 6;
-
 struct KernelSet {
   const char* name;
+  // Micro-tile: mr rows (vector side) x nr columns (broadcast side) of the covariance.
+  int64_t mr, nr;
+  // Rows per block (a multiple of the driver's 128-row fp32 runs, so the results do not depend on
+  // it), and the columns of A and B panels a work item aims for.
+  int64_t kc, mc_cols, jb_cols;
   // Packs one column panel of a block of rows, converted and centred:
   //   dst[k * panel + c] = float(src[k * stride + c]) - mean[c]  for k < kc, c < width,
   //   dst[k * panel + c] = 0                                      for width <= c < panel.
-  // panel is MR or NR; width <= panel.
+  // panel is mr or nr; width <= panel.
   void (*pack_bf16)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* mean,
                     int64_t width, int64_t panel, float* dst);
   void (*pack_f16)(const c10::Half* src, int64_t stride, int64_t kc, const float* mean,
@@ -33,14 +34,16 @@ struct KernelSet {
   void (*accumulate_bf16)(const c10::BFloat16* src, int64_t d, double* acc);
   void (*accumulate_f16)(const c10::Half* src, int64_t d, double* acc);
   void (*accumulate_f32)(const float* src, int64_t d, double* acc);
-  // c[col * MR + row] += double(sum over k < kc of a[k * MR + row] * b[k * NR + col]), the sum
-  // taken in fp32 with one fused multiply-add per term, in increasing k.
-  void (*micro)(int64_t kc, const float* a, const float* b, double* c);
+  // c[col * mr + row] += double(sum over k < kc of a[k * mr + row] * b[k * nr + col]), the sum
+  // taken in fp32 with one fused multiply-add per term, in increasing k. pf: the fp64 tile of the
+  // next call, to be prefetched meanwhile, or null.
+  void (*micro)(int64_t kc, const float* a, const float* b, double* c, const double* pf);
 };
 
 const KernelSet& portable_kernels();
 #ifdef REFFRAME_HAVE_AVX2_TU
 const KernelSet& avx2_kernels();
+const KernelSet& avx512_kernels();
 #endif
 
 // Rows of W done by the running CPU center_syrk call and its row count (both 0 when none runs), for
@@ -62,8 +65,9 @@ void request_cancel(uint64_t key);
 void clear_cancel(uint64_t key);
 bool cancel_requested(uint64_t key);
 
-// The set used by center_syrk: AVX2 when the CPU has AVX2+FMA+F16C, else portable. The environment
-// variable REFFRAME_CPU_KERNEL=portable forces the portable set (used by the tests to compare them).
+// The set used by center_syrk: AVX-512 when the CPU has AVX-512 F/BW/VL/DQ, else AVX2 when it has
+// AVX2+FMA+F16C, else portable. The environment variable REFFRAME_CPU_KERNEL=portable|avx2|avx512
+// asks for one set (used by the tests to compare them); a set this CPU cannot run is not taken.
 const KernelSet& active_kernels();
 
 }  // namespace refframe::cpu

@@ -9,6 +9,9 @@
 namespace refframe::cpu {
 namespace {
 
+constexpr int64_t MR = 16;
+constexpr int64_t NR = 6;
+
 template <typename T>
 void pack_portable(const T* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
                    int64_t panel, float* dst) {
@@ -23,7 +26,7 @@ void accumulate_portable(const T* src, int64_t d, double* acc) {
   for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
 }
 
-void micro_portable(int64_t kc, const float* a, const float* b, double* c) {
+void micro_portable(int64_t kc, const float* a, const float* b, double* c, const double*) {
   float acc[NR][MR] = {};
   for (int64_t k = 0; k < kc; ++k) {
     const float* ak = a + k * MR;
@@ -40,7 +43,7 @@ void micro_portable(int64_t kc, const float* a, const float* b, double* c) {
 }  // namespace
 
 const KernelSet& portable_kernels() {
-  static const KernelSet set{"portable", pack_portable<c10::BFloat16>, pack_portable<c10::Half>,
+  static const KernelSet set{"portable", MR, NR, 512, 128, 144, pack_portable<c10::BFloat16>, pack_portable<c10::Half>,
                              pack_portable<float>, accumulate_portable<c10::BFloat16>,
                              accumulate_portable<c10::Half>, accumulate_portable<float>,
                              micro_portable};
@@ -48,11 +51,16 @@ const KernelSet& portable_kernels() {
 }
 
 const KernelSet& active_kernels() {
-  const char* force = std::getenv("REFFRAME_CPU_KERNEL");
-  if (force != nullptr && std::strcmp(force, "portable") == 0) return portable_kernels();
+  const char* ask = std::getenv("REFFRAME_CPU_KERNEL");
+  const auto asked = [ask](const char* name) { return ask != nullptr && std::strcmp(ask, name) == 0; };
+  if (asked("portable")) return portable_kernels();
 #if defined(REFFRAME_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                __builtin_cpu_supports("f16c");
+  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
+                                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                                 __builtin_cpu_supports("avx512dq");
+  if (has_avx512 && !asked("avx2")) return avx512_kernels();
   if (has_avx2) return avx2_kernels();
 #endif
   return portable_kernels();
