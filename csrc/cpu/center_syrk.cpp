@@ -4,15 +4,17 @@
 // Output: mean fp64 (d,), covariance fp32 (d, d), symmetric and full.
 //
 // Two passes over W. Pass 1 sums each column in fp64 (the exact mean, whatever the offset). Pass 2
-// takes blocks of KC rows; each block is converted, centred and packed once into 16-wide (A) and
-// 6-wide (B) column panels (fp32, L2/L3 resident), then 16x6 register tiles of the upper triangle
-// accumulate RUN products at a time in fp32 and add them into an fp64 tile accumulator. So no fp32
-// or centred copy of W exists, only one triangle is computed, and no fp32 sum is longer than RUN
-// terms (relative error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
+// takes blocks of KC rows; each block is converted, centred and packed once into MR-wide (A) and
+// NR-wide (B) column panels (fp32, L2/L3 resident; the kernel set's tile, e.g. 16 x 6 for AVX2,
+// 48 x 8 for AVX-512, where B is read from the A panels), then MR x NR register tiles of the upper
+// triangle accumulate RUN products at a time in fp32 and add them into an fp64 tile accumulator. So
+// no fp32 or centred copy of W exists, only one triangle is computed, and no fp32 sum is longer than
+// RUN terms (relative error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
 //
 // Threads split the triangle's tiles (not the rows), taking work items as they become free, and
 // pack the next block while the current one is multiplied. Each fp64 tile always receives its block
-// sums in the same order, so the result is bitwise identical for any thread count or timing.
+// sums in the same order (runs of RUN rows from row 0, whatever KC or the tile shape), so the result
+// is bitwise identical for any thread count, timing or kernel set.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -156,7 +158,10 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   // 64-byte aligned scratch: two sets of A and B packs (the block being multiplied and the next one,
   // packed meanwhile) and the fp64 tile accumulator.
   auto opts = at::TensorOptions().dtype(at::kFloat);
-  const int64_t pack_floats = (tri.pa * MR + tri.pb * NR) * KC;
+  // With b_in_a, B panel jb is read from the A panels (columns jb NR .. jb NR + NR of a row of A
+  // panel jb NR / MR, rows MR floats apart) and only A panels are packed.
+  const bool b_in_a = ks.b_in_a;
+  const int64_t pack_floats = (tri.pa * MR + (b_in_a ? 0 : tri.pb * NR)) * KC;
   at::Tensor pack_t = at::empty({2 * pack_floats}, opts);
   at::Tensor acc_t = at::zeros({tri.tiles * TILE}, opts.dtype(at::kDouble));
   double* acc = acc_t.data_ptr<double>();
@@ -181,7 +186,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     for (int64_t p = g * G / MR; p < std::min(tri.pa, (g + 1) * G / MR); ++p) pack_panel(r0, s, p);
     const float* apack = base;
     float* bpack = base + tri.pa * MR * kc;
-    for (int64_t q = g * G / NR; q < std::min(tri.pb, (g + 1) * G / NR); ++q) {
+    for (int64_t q = g * G / NR; !b_in_a && q < std::min(tri.pb, (g + 1) * G / NR); ++q) {
       float* dst = bpack + q * kc * NR;
       // Columns [q NR, q NR + NR) lie in at most two A panels; columns past the A panels are 0.
       for (int64_t c0 = q * NR; c0 < q * NR + NR;) {
@@ -224,7 +229,8 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
       for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < item_count;) {
         const WorkItem& it = items[i];
         for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
-          const float* b = bpack + jb * kc * NR;
+          const float* b = b_in_a ? apack + (jb * NR / MR) * kc * MR + (jb * NR) % MR : bpack + jb * kc * NR;
+          const int64_t ldb = b_in_a ? MR : NR;
           const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
           for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
             const float* a = apack + ia * kc * MR;
@@ -234,7 +240,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
             if (ia + 1 < ia_end) next = c + TILE;
             else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
             for (int64_t k0 = 0; k0 < kc; k0 += RUN)
-              ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * NR, c, k0 == 0 ? next : nullptr);
+              ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * ldb, ldb, c, k0 == 0 ? next : nullptr);
           }
         }
       }

@@ -1,6 +1,6 @@
 // AVX-512 building blocks of center_syrk. Only this file is compiled with -mavx512f/bw/vl/dq; it is
 // called only after a run-time CPU check (see active_kernels()). Same arithmetic as the portable and
-// AVX2 sets (syrk_kernel.h), on a 32 x 12 register tile.
+// AVX2 sets (syrk_kernel.h), on a 48 x 8 register tile whose B panels are read from the A panels.
 #include <immintrin.h>
 
 #include <type_traits>
@@ -10,8 +10,8 @@
 namespace refframe::cpu {
 namespace {
 
-constexpr int64_t MR512 = 32;
-constexpr int64_t NR512 = 12;
+constexpr int64_t MR512 = 48;
+constexpr int64_t NR512 = 8;
 
 inline __mmask16 lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
@@ -40,11 +40,12 @@ struct LoadF32 {
 template <typename L>
 void pack_avx512(const typename L::T* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
                  int64_t panel, float* dst) {
-  if (width == 32 && panel == 32) {
-    const __m512 m0 = _mm512_loadu_ps(mean), m1 = _mm512_loadu_ps(mean + 16);
-    for (int64_t k = 0; k < kc; ++k, src += stride, dst += 32) {
+  if (width == 48 && panel == 48) {
+    const __m512 m0 = _mm512_loadu_ps(mean), m1 = _mm512_loadu_ps(mean + 16), m2 = _mm512_loadu_ps(mean + 32);
+    for (int64_t k = 0; k < kc; ++k, src += stride, dst += 48) {
       _mm512_store_ps(dst, _mm512_sub_ps(L::load(src, 0xFFFF), m0));
       _mm512_store_ps(dst + 16, _mm512_sub_ps(L::load(src + 16, 0xFFFF), m1));
+      _mm512_store_ps(dst + 32, _mm512_sub_ps(L::load(src + 32, 0xFFFF), m2));
     }
     return;
   }
@@ -77,20 +78,22 @@ void accumulate_avx512(const T* src, int64_t d, double* acc) {
   for (; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
 }
 
-// 32x12 register tile: 24 zmm accumulators, 2 for the A column, 1 for the broadcast B value.
-// Per k: 2 loads + 12 broadcasts feed 24 FMAs. The lines of the next call's fp64 tile (pf) are
+// 48x8 register tile: 24 zmm accumulators, 3 for the A column, 1 for the broadcast B value.
+// Per k: 3 loads + 8 broadcasts feed 24 FMAs. The lines of the next call's fp64 tile (pf) are
 // prefetched one per k, so its flush does not wait on the cache.
-void micro_avx512(int64_t kc, const float* a, const float* b, double* c, const double* pf) {
-  __m512 lo[NR512], hi[NR512];
-#pragma GCC unroll 12
-  for (int j = 0; j < NR512; ++j) lo[j] = hi[j] = _mm512_setzero_ps();
+void micro_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, double* c, const double* pf) {
+  __m512 c0[NR512], c1[NR512], c2[NR512];
+#pragma GCC unroll 8
+  for (int j = 0; j < NR512; ++j) c0[j] = c1[j] = c2[j] = _mm512_setzero_ps();
   const auto step = [&](int64_t k) __attribute__((always_inline)) {
     const __m512 a0 = _mm512_load_ps(a + k * MR512), a1 = _mm512_load_ps(a + k * MR512 + 16);
-#pragma GCC unroll 12
+    const __m512 a2 = _mm512_load_ps(a + k * MR512 + 32);
+#pragma GCC unroll 8
     for (int j = 0; j < NR512; ++j) {
-      const __m512 bv = _mm512_set1_ps(b[k * NR512 + j]);
-      lo[j] = _mm512_fmadd_ps(a0, bv, lo[j]);
-      hi[j] = _mm512_fmadd_ps(a1, bv, hi[j]);
+      const __m512 bv = _mm512_set1_ps(b[k * ldb + j]);
+      c0[j] = _mm512_fmadd_ps(a0, bv, c0[j]);
+      c1[j] = _mm512_fmadd_ps(a1, bv, c1[j]);
+      c2[j] = _mm512_fmadd_ps(a2, bv, c2[j]);
     }
   };
   int64_t k = 0;
@@ -102,24 +105,26 @@ void micro_avx512(int64_t kc, const float* a, const float* b, double* c, const d
     }
   }
   for (; k < kc; ++k) step(k);
-#pragma GCC unroll 12
+#pragma GCC unroll 8
   for (int j = 0; j < NR512; ++j) {
-    add16_f64(c + j * MR512, lo[j]);
-    add16_f64(c + j * MR512 + 16, hi[j]);
+    add16_f64(c + j * MR512, c0[j]);
+    add16_f64(c + j * MR512 + 16, c1[j]);
+    add16_f64(c + j * MR512 + 32, c2[j]);
   }
 }
 
 }  // namespace
 
 const KernelSet& avx512_kernels() {
-  // 128-row blocks (2.6 MB of packs per block at d = 2560) and large work items: measured fastest
-  // on a 2-core AVX-512 machine with 2 MB of L2 per core.
+  // 128-row blocks (1.3 MB of packs per block at d = 2560), large work items, no separate B
+  // panels: measured fastest on a 2-core AVX-512 machine with 2 MB of L2 per core.
   static const KernelSet set{"avx512",
                              MR512,
                              NR512,
                              128,
                              768,
                              864,
+                             true,
                              pack_avx512<LoadBF16>,
                              pack_avx512<LoadF16>,
                              pack_avx512<LoadF32>,

@@ -1,8 +1,8 @@
 // Interface between the center-and-syrk driver and its SIMD-specific building blocks.
 //
 // Every kernel set performs bit-for-bit the same arithmetic (exact conversions, one IEEE subtraction,
-// one fused multiply-add per product in the same order), so the portable and AVX2 paths give identical
-// covariances; only their speed differs.
+// one fused multiply-add per product in the same order), so the portable, AVX2 and AVX-512 paths give
+// identical covariances; only their speed (and tile shape) differs.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -20,6 +20,8 @@ struct KernelSet {
   // Rows per block (a multiple of the driver's 128-row fp32 runs, so the results do not depend on
   // it), and the columns of A and B panels a work item aims for.
   int64_t kc, mc_cols, jb_cols;
+  // B panels are read from the A panels (nr divides mr) instead of being packed separately.
+  bool b_in_a;
   // Packs one column panel of a block of rows, converted and centred:
   //   dst[k * panel + c] = float(src[k * stride + c]) - mean[c]  for k < kc, c < width,
   //   dst[k * panel + c] = 0                                      for width <= c < panel.
@@ -34,10 +36,10 @@ struct KernelSet {
   void (*accumulate_bf16)(const c10::BFloat16* src, int64_t d, double* acc);
   void (*accumulate_f16)(const c10::Half* src, int64_t d, double* acc);
   void (*accumulate_f32)(const float* src, int64_t d, double* acc);
-  // c[col * mr + row] += double(sum over k < kc of a[k * mr + row] * b[k * nr + col]), the sum
+  // c[col * mr + row] += double(sum over k < kc of a[k * mr + row] * b[k * ldb + col]), the sum
   // taken in fp32 with one fused multiply-add per term, in increasing k. pf: the fp64 tile of the
   // next call, to be prefetched meanwhile, or null.
-  void (*micro)(int64_t kc, const float* a, const float* b, double* c, const double* pf);
+  void (*micro)(int64_t kc, const float* a, const float* b, int64_t ldb, double* c, const double* pf);
 };
 
 const KernelSet& portable_kernels();
