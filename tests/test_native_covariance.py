@@ -14,7 +14,8 @@ from refframe import covariance
 
 pytestmark = needs_native
 
-# N around the block (512) and run (128) lengths; d around the 16 x 6 tile.
+# N around the block (128, 512) and run (128) lengths; d around the 16 x 6 (AVX2, portable) and
+# 48 x 8 (AVX-512) tiles and their 48-column pack groups.
 SHAPES = [
     (1, 1),
     (1, 7),
@@ -22,11 +23,15 @@ SHAPES = [
     (3, 100),
     (63, 17),
     (65, 6),
+    (127, 8),
+    (129, 49),
     (511, 16),
     (513, 33),
     (1100, 97),
     (2000, 250),
 ]
+
+KERNEL_SETS = ["portable", "avx2", "avx512"]
 
 
 def native_cov(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +118,39 @@ def test_portable_kernel_is_bitwise_identical(monkeypatch):
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
     slow = native_cov(W)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("kernel", KERNEL_SETS[1:])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 47), (300, 48), (300, 97), (777, 250), (129, 1000)])
+def test_every_kernel_set_is_bitwise_identical_to_portable(monkeypatch, kernel, dtype, shape):
+    """Each SIMD set (each with its own tile shape, block length and packing) gives the portable
+    set's bits; a set this CPU lacks is skipped."""
+    from refframe import _C
+
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", kernel)
+    if _C.cpu_kernel() != kernel:
+        pytest.skip(f"this CPU cannot run the {kernel} kernel set")
+    W = make_w(*shape, dtype, offset_sigmas=30.0)
+    fast = native_cov(W)
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
+    assert _C.cpu_kernel() == "portable"
+    slow = native_cov(W)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_kernel_choice_follows_the_cpu(monkeypatch):
+    """Without a request the best set this CPU supports is taken; asking for avx2 on an AVX-512
+    CPU gets avx2; an unknown name changes nothing."""
+    from refframe import _C
+
+    monkeypatch.delenv("REFFRAME_CPU_KERNEL", raising=False)
+    best = _C.cpu_kernel()
+    assert best in KERNEL_SETS
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "no-such-set")
+    assert _C.cpu_kernel() == best
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx2")
+    assert _C.cpu_kernel() == ("portable" if best == "portable" else "avx2")
 
 
 def test_center_syrk_rejects_bad_input():
