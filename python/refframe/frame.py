@@ -380,7 +380,15 @@ def pca(
 
         stage = "computing the eigendecomposition"
         eig_dev = dev if dev.type == "cuda" else torch.device("cpu")
-        evals, evecs = _interruptible(eig_dev, torch.linalg.eigh, cov.to(eig_dev, eigh_dtype))
+        C = cov.to(eig_dev, eigh_dtype)
+        if C.shape[0] <= EIGH_ON_CALLER_MAX_D:
+            # Short enough to wait for on Ctrl-C. On the calling thread LAPACK's eigh runs about
+            # 1.5x faster than in a worker: a second thread's OpenMP team makes libgomp throttle
+            # its spin-waits, and eigh is thousands of short parallel regions.
+            evals, evecs = torch.linalg.eigh(C)
+        else:
+            evals, evecs = _interruptible(eig_dev, torch.linalg.eigh, C)
+        del C
         evals = torch.flip(evals, dims=[0]).to("cpu", torch.float32)
         evecs = fix_signs(torch.flip(evecs, dims=[1]).to("cpu", torch.float32))
         timings["eigh"] = _now(dev) - t2
@@ -390,6 +398,10 @@ def pca(
         raise _compute_error(exc, name, stage) from exc
     return mean.to("cpu"), evals, evecs.contiguous(), used, dev
 
+
+# Covariances up to this size are decomposed on the calling thread (see pca: a few seconds at most
+# on a 2-core machine); larger ones in a worker thread, so that Ctrl-C need not wait for LAPACK.
+EIGH_ON_CALLER_MAX_D = 4096
 
 _PENDING: dict[threading.Event, dict] = {}  # workers still computing -> their box (holds "key")
 
