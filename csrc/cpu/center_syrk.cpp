@@ -22,10 +22,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <functional>
 #include <mutex>
-#include <numeric>
 #include <thread>
 #include <unordered_set>
 #include <vector>
@@ -176,33 +174,12 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     float* dst = is_a ? base + p * kc * MR : base + tri.pa * MR * kc + (p - tri.pa) * kc * NR;
     pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
   };
-  // Column groups of lcm(MR, NR) columns: the group's A panels are packed from W, then its B panels
-  // are copied from those A panels (the same fp32 values), so W is read once per block.
-  const int64_t G = std::lcm(MR, NR);
-  const int64_t groups = (tri.pb * NR + G - 1) / G;
-  auto pack_chunk = [&](int64_t r0, int64_t s, int64_t g) {
-    const int64_t kc = std::min(KC, n - r0);
-    float* base = pack_t.data_ptr<float>() + s * pack_floats;
-    for (int64_t p = g * G / MR; p < std::min(tri.pa, (g + 1) * G / MR); ++p) pack_panel(r0, s, p);
-    const float* apack = base;
-    float* bpack = base + tri.pa * MR * kc;
-    for (int64_t q = g * G / NR; !b_in_a && q < std::min(tri.pb, (g + 1) * G / NR); ++q) {
-      float* dst = bpack + q * kc * NR;
-      // Columns [q NR, q NR + NR) lie in at most two A panels; columns past the A panels are 0.
-      for (int64_t c0 = q * NR; c0 < q * NR + NR;) {
-        const int64_t p = c0 / MR, off = c0 % MR, len = std::min(q * NR + NR, (p + 1) * MR) - c0;
-        float* o = dst + (c0 - q * NR);
-        if (p >= tri.pa) {
-          for (int64_t k = 0; k < kc; ++k) std::fill(o + k * NR, o + k * NR + len, 0.0f);
-        } else {
-          const float* src = apack + p * kc * MR + off;
-          for (int64_t k = 0; k < kc; ++k) std::memcpy(o + k * NR, src + k * MR, len * sizeof(float));
-        }
-        c0 += len;
-      }
-    }
+  constexpr int64_t PACK_CHUNK = 8;  // panels per grab
+  const int64_t npanels = tri.pa + (b_in_a ? 0 : tri.pb);
+  const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
+  auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
+    for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p) pack_panel(r0, s, p);
   };
-  const int64_t pack_chunks = groups;
 
   at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) pack_chunk(0, 0, c);

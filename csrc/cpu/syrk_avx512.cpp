@@ -81,7 +81,8 @@ void accumulate_avx512(const T* src, int64_t d, double* acc) {
 // 48x8 register tile: 24 zmm accumulators, 3 for the A column, 1 for the broadcast B value.
 // Per k: 3 loads + 8 broadcasts feed 24 FMAs. The lines of the next call's fp64 tile (pf) are
 // prefetched one per k, so its flush does not wait on the cache.
-void micro_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, double* c, const double* pf) {
+// B rows are MR512 apart: this set reads B from its A panels, so ldb is always MR512.
+void micro_avx512(int64_t kc, const float* a, const float* b, int64_t /*ldb*/, double* c, const double* pf) {
   __m512 c0[NR512], c1[NR512], c2[NR512];
 #pragma GCC unroll 8
   for (int j = 0; j < NR512; ++j) c0[j] = c1[j] = c2[j] = _mm512_setzero_ps();
@@ -90,7 +91,7 @@ void micro_avx512(int64_t kc, const float* a, const float* b, int64_t ldb, doubl
     const __m512 a2 = _mm512_load_ps(a + k * MR512 + 32);
 #pragma GCC unroll 8
     for (int j = 0; j < NR512; ++j) {
-      const __m512 bv = _mm512_set1_ps(b[k * ldb + j]);
+      const __m512 bv = _mm512_set1_ps(b[k * MR512 + j]);
       c0[j] = _mm512_fmadd_ps(a0, bv, c0[j]);
       c1[j] = _mm512_fmadd_ps(a1, bv, c1[j]);
       c2[j] = _mm512_fmadd_ps(a2, bv, c2[j]);
