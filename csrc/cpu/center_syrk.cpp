@@ -145,6 +145,10 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const auto pack = Typed<T>::pack(ks);
   column_mean(w, n, d, row_stride, ks, mean64);
 
+  // A kernel set's own constants: blocks made of whole runs (the results must not depend on the
+  // block length), and B panels that lie inside one A panel when they are read from there.
+  TORCH_INTERNAL_ASSERT(ks.kc % RUN == 0 && (!ks.b_in_a || ks.mr % ks.nr == 0), "center_syrk: kernel set ",
+                        ks.name, " has an invalid tile or block length");
   const Triangle tri(d, ks.mr, ks.nr);
   const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE, KC = ks.kc;
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
