@@ -55,10 +55,8 @@ void pack_avx512(const typename L::T* src, int64_t stride, int64_t kc, const flo
     const __m512 m = _mm512_maskz_loadu_ps(in, mean + g);
     const typename L::T* s = src + g;
     float* o = dst + g;
-    for (int64_t k = 0; k < kc; ++k, s += stride, o += panel) {
-
+    for (int64_t k = 0; k < kc; ++k, s += stride, o += panel)
       _mm512_mask_storeu_ps(o, out, _mm512_sub_ps(L::load(s, in), m));
-    }
   }
 }
 
