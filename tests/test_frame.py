@@ -131,3 +131,28 @@ def test_long_computations_are_interruptible_on_the_cpu():
     while compute_running() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not compute_running()
+
+
+@pytest.mark.parametrize("limit, on_caller", [(4096, True), (8, False)])
+def test_cpu_eigh_runs_on_the_calling_thread_up_to_the_size_limit(monkeypatch, limit, on_caller):
+    # Small covariances are decomposed on the calling thread (LAPACK is faster there: one OpenMP
+    # team); larger ones in the interruptible worker thread.
+    import threading
+
+    from refframe import frame as frame_mod
+
+    threads: list[threading.Thread] = []
+    real = torch.linalg.eigh
+
+    def recording_eigh(C, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return real(C, *args, **kwargs)
+
+    monkeypatch.setattr(frame_mod, "EIGH_ON_CALLER_MAX_D", limit)
+    monkeypatch.setattr(torch.linalg, "eigh", recording_eigh)
+    W = torch.randn(200, 16, generator=torch.Generator().manual_seed(1))
+    f = refframe.build_frame(W, torch.arange(5), backend="torch", device="cpu")
+    assert len(threads) == 1
+    assert (threads[0] is threading.main_thread()) == on_caller
+    evals = torch.linalg.eigvalsh(torch.cov(W.T.double(), correction=0)).flip(0)
+    assert torch.allclose(f.eigenvalues.double(), evals, rtol=1e-5, atol=1e-7)
