@@ -381,7 +381,8 @@ def pca(
         stage = "computing the eigendecomposition"
         eig_dev = dev if dev.type == "cuda" else torch.device("cpu")
         C = cov.to(eig_dev, eigh_dtype)
-        if C.shape[0] <= EIGH_ON_CALLER_MAX_D:
+        limit = EIGH_ON_CALLER_MAX_D if C.dtype != torch.float64 else EIGH_ON_CALLER_MAX_D * 3 // 4
+        if C.shape[0] <= limit:
             # Short enough to wait for on Ctrl-C. On the calling thread LAPACK's eigh runs about
             # 1.5x faster than in a worker: a second thread's OpenMP team makes libgomp throttle
             # its spin-waits, and eigh is thousands of short parallel regions.
@@ -399,8 +400,9 @@ def pca(
     return mean.to("cpu"), evals, evecs.contiguous(), used, dev
 
 
-# Covariances up to this size are decomposed on the calling thread (see pca: a few seconds at most
-# on a 2-core machine); larger ones in a worker thread, so that Ctrl-C need not wait for LAPACK.
+# Covariances up to this size (3/4 of it in float64, which LAPACK takes about twice as long over)
+# are decomposed on the calling thread (see pca: a few seconds at most on a 2-core machine); larger
+# ones in a worker thread, so that Ctrl-C need not wait for LAPACK.
 EIGH_ON_CALLER_MAX_D = 4096
 
 _PENDING: dict[threading.Event, dict] = {}  # workers still computing -> their box (holds "key")
