@@ -211,7 +211,6 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
         const WorkItem& it = items[i];
         for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
           const float* b = b_in_a ? apack + (jb * NR / MR) * kc * MR + (jb * NR) % MR : bpack + jb * kc * NR;
-          const int64_t ldb = b_in_a ? MR : NR;
           const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
           for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
             const float* a = apack + ia * kc * MR;
@@ -221,7 +220,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
             if (ia + 1 < ia_end) next = c + TILE;
             else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
             for (int64_t k0 = 0; k0 < kc; k0 += RUN)
-              ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * ldb, ldb, c, k0 == 0 ? next : nullptr);
+              ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * (b_in_a ? MR : NR), c, k0 == 0 ? next : nullptr);
           }
         }
       }

@@ -3,8 +3,6 @@
 // AVX2 sets (syrk_kernel.h), on a 48 x 8 register tile whose B panels are read from the A panels.
 #include <immintrin.h>
 
-#include <type_traits>
-
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
@@ -67,20 +65,11 @@ inline void add16_f64(double* acc, __m512 x) {
   _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(hi)));
 }
 
-template <typename T>
-void accumulate_avx512(const T* src, int64_t d, double* acc) {
-  using L = std::conditional_t<std::is_same_v<T, float>, LoadF32,
-                               std::conditional_t<std::is_same_v<T, c10::Half>, LoadF16, LoadBF16>>;
-  int64_t j = 0;
-  for (; j + 16 <= d; j += 16) add16_f64(acc + j, L::load(src + j, 0xFFFF));
-  for (; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
-}
-
 // 48x8 register tile: 24 zmm accumulators, 3 for the A column, 1 for the broadcast B value.
 // Per k: 3 loads + 8 broadcasts feed 24 FMAs. The lines of the next call's fp64 tile (pf) are
 // prefetched one per k, so its flush does not wait on the cache.
-// B rows are MR512 apart: this set reads B from its A panels, so ldb is always MR512.
-void micro_avx512(int64_t kc, const float* a, const float* b, int64_t /*ldb*/, double* c, const double* pf) {
+// B rows are MR512 apart: this set reads B from its A panels.
+void micro_avx512(int64_t kc, const float* a, const float* b, double* c, const double* pf) {
   __m512 c0[NR512], c1[NR512], c2[NR512];
 #pragma GCC unroll 8
   for (int j = 0; j < NR512; ++j) c0[j] = c1[j] = c2[j] = _mm512_setzero_ps();
@@ -116,20 +105,22 @@ void micro_avx512(int64_t kc, const float* a, const float* b, int64_t /*ldb*/, d
 
 const KernelSet& avx512_kernels() {
   // 128-row blocks (1.3 MB of packs per block at d = 2560), large work items, no separate B
-  // panels: measured fastest on a 2-core AVX-512 machine with 2 MB of L2 per core.
+  // panels: measured fastest on a 2-core AVX-512 machine with 2 MB of L2 per core. The mean pass
+  // is memory-bound: it uses the AVX2 set's column sums (every AVX-512 CPU here has AVX2).
+  const KernelSet& avx2 = avx2_kernels();
   static const KernelSet set{"avx512",
                              MR512,
                              NR512,
-                             128,
-                             768,
-                             864,
-                             true,
+                             /*kc=*/128,
+                             /*mc_cols=*/768,
+                             /*jb_cols=*/864,
+                             /*b_in_a=*/true,
                              pack_avx512<LoadBF16>,
                              pack_avx512<LoadF16>,
                              pack_avx512<LoadF32>,
-                             accumulate_avx512<c10::BFloat16>,
-                             accumulate_avx512<c10::Half>,
-                             accumulate_avx512<float>,
+                             avx2.accumulate_bf16,
+                             avx2.accumulate_f16,
+                             avx2.accumulate_f32,
                              micro_avx512};
   return set;
 }

@@ -37,10 +37,10 @@ struct KernelSet {
   void (*accumulate_f16)(const c10::Half* src, int64_t d, double* acc);
   void (*accumulate_f32)(const float* src, int64_t d, double* acc);
   // c[col * mr + row] += double(sum over k < kc of a[k * mr + row] * b[k * ldb + col]), the sum
-  // taken in fp32 with one fused multiply-add per term, in increasing k. ldb is nr, or mr for a set
-  // with b_in_a (a set may rely on its own value). pf: the fp64 tile of the next call, to be
-  // prefetched meanwhile, or null.
-  void (*micro)(int64_t kc, const float* a, const float* b, int64_t ldb, double* c, const double* pf);
+  // taken in fp32 with one fused multiply-add per term, in increasing k; ldb is the set's B row
+  // stride, mr with b_in_a, else nr. pf: the fp64 tile of the next call, to be prefetched
+  // meanwhile, or null.
+  void (*micro)(int64_t kc, const float* a, const float* b, double* c, const double* pf);
 };
 
 const KernelSet& portable_kernels();

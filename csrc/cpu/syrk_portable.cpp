@@ -26,11 +26,11 @@ void accumulate_portable(const T* src, int64_t d, double* acc) {
   for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
 }
 
-void micro_portable(int64_t kc, const float* a, const float* b, int64_t ldb, double* c, const double*) {
+void micro_portable(int64_t kc, const float* a, const float* b, double* c, const double*) {
   float acc[NR][MR] = {};
   for (int64_t k = 0; k < kc; ++k) {
     const float* ak = a + k * MR;
-    const float* bk = b + k * ldb;
+    const float* bk = b + k * NR;
     for (int64_t col = 0; col < NR; ++col) {
       const float bv = bk[col];
       for (int64_t row = 0; row < MR; ++row) acc[col][row] = std::fma(ak[row], bv, acc[col][row]);
@@ -43,7 +43,8 @@ void micro_portable(int64_t kc, const float* a, const float* b, int64_t ldb, dou
 }  // namespace
 
 const KernelSet& portable_kernels() {
-  static const KernelSet set{"portable", MR, NR, 512, 128, 144, false, pack_portable<c10::BFloat16>, pack_portable<c10::Half>,
+  static const KernelSet set{"portable", MR, NR, /*kc=*/512, /*mc_cols=*/128, /*jb_cols=*/144, /*b_in_a=*/false,
+                             pack_portable<c10::BFloat16>, pack_portable<c10::Half>,
                              pack_portable<float>, accumulate_portable<c10::BFloat16>,
                              accumulate_portable<c10::Half>, accumulate_portable<float>,
                              micro_portable};
