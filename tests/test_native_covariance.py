@@ -14,8 +14,8 @@ from refframe import covariance
 
 pytestmark = needs_native
 
-# N around the block (128, 512) and run (128) lengths; d around the 16 x 6 (AVX2, portable) and
-# 48 x 8 (AVX-512) tiles and their 48-column pack groups.
+# N around the block (128, 256, 512), run (128, 256) and AMX row-pair (32) lengths; d around the
+# 16 x 6 (AVX2, portable), 48 x 8 (AVX-512) and 16 x 32 (AMX) tiles and their pack groups.
 SHAPES = [
     (1, 1),
     (1, 7),
@@ -25,23 +25,37 @@ SHAPES = [
     (65, 6),
     (127, 8),
     (129, 49),
+    (257, 31),
     (511, 16),
     (513, 33),
     (1100, 97),
     (2000, 250),
 ]
 
-KERNEL_SETS = ["portable", "avx2", "avx512"]
+KERNEL_SETS = ["portable", "avx2", "avx512", "amx"]
+# Sets with the portable set's arithmetic, hence its bits; amx has its own (split bf16 products).
+BITWISE_SETS = ["avx2", "avx512"]
 
 
 def native_cov(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.refframe.center_syrk(W)
 
 
+@pytest.fixture(params=KERNEL_SETS)
+def kernel(request, monkeypatch):
+    """Runs a test with each CPU kernel set in turn; a set this CPU cannot run is skipped."""
+    from refframe import _C
+
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", request.param)
+    if _C.cpu_kernel() != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} kernel set")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("offset", [0.0, 50.0])
-def test_center_syrk_matches_float64(dtype, shape, offset):
+def test_center_syrk_matches_float64(kernel, dtype, shape, offset):
     W = make_w(*shape, dtype, offset_sigmas=offset)
     mean, cov = native_cov(W)
     mu64, c64 = cov64(W)
@@ -52,15 +66,16 @@ def test_center_syrk_matches_float64(dtype, shape, offset):
     if shape[0] == 1:
         assert float(cov.abs().max()) == 0.0
     else:
-        # Products of centred fp32 values are exact and sums are at most 128 terms long before fp64,
-        # so what remains is the rounding of the centred values and of the fp32 output (~u each):
-        # <= 1e-7 once a matrix is large enough for those to average, a few u on tiny ones.
+        # Products of centred fp32 values are exact (AMX: of their bf16 parts, dropping terms below
+        # 2^-26 relative) and sums are at most 128 (AMX 256) terms long before fp64, so what remains
+        # is the rounding of the centred values and of the fp32 output (~u each): <= 1e-7 once a
+        # matrix is large enough for those to average, a few u on tiny ones.
         tol = 1e-7 if shape[0] >= 1000 and shape[1] >= 16 else 3e-7
         assert rel_fro(cov, c64) < tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_center_syrk_large_offset_beats_fp32_reference(dtype):
+def test_center_syrk_large_offset_beats_fp32_reference(kernel, dtype):
     W = make_w(4000, 64, dtype, offset_sigmas=60.0)
     _, c64 = cov64(W)
     _, native = covariance(W, backend="native")
@@ -70,7 +85,7 @@ def test_center_syrk_large_offset_beats_fp32_reference(dtype):
 
 
 @pytest.mark.parametrize("sigmas", [1e3, 1e5])
-def test_center_syrk_huge_offsets_every_column(sigmas):
+def test_center_syrk_huge_offsets_every_column(kernel, sigmas):
     # fp32 columns whose mean sits 1e3-1e5 sigma from zero: the kernel centres on the fp32-rounded
     # mean, and the rank-one term that rounding leaves must be taken out again (at 1e5 sigma it alone
     # would make the error 1e-5).
@@ -84,7 +99,7 @@ def test_center_syrk_huge_offsets_every_column(sigmas):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_center_syrk_strided(dtype):
+def test_center_syrk_strided(kernel, dtype):
     base = make_w(1500, 120, dtype, offset_sigmas=20.0)
     views = {
         "row-strided": base[:, 10:90],
@@ -98,7 +113,7 @@ def test_center_syrk_strided(dtype):
         assert rel_fro(cov, c64) < 1e-7, name
 
 
-def test_center_syrk_deterministic_across_runs_and_threads():
+def test_center_syrk_deterministic_across_runs_and_threads(kernel):
     W = make_w(3000, 150, torch.bfloat16, offset_sigmas=10.0)
     threads = torch.get_num_threads()
     try:
@@ -112,20 +127,12 @@ def test_center_syrk_deterministic_across_runs_and_threads():
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-def test_portable_kernel_is_bitwise_identical(monkeypatch):
-    W = make_w(700, 45, torch.float16, offset_sigmas=5.0)
-    fast = native_cov(W)
-    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
-    slow = native_cov(W)
-    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
-
-
-@pytest.mark.parametrize("kernel", KERNEL_SETS[1:])
+@pytest.mark.parametrize("kernel", BITWISE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(300, 47), (300, 48), (300, 97), (777, 250), (129, 1000)])
-def test_every_kernel_set_is_bitwise_identical_to_portable(monkeypatch, kernel, dtype, shape):
-    """Each SIMD set (each with its own tile shape, block length and packing) gives the portable
-    set's bits; a set this CPU lacks is skipped."""
+def test_fp32_kernel_sets_are_bitwise_identical_to_portable(monkeypatch, kernel, dtype, shape):
+    """Each fp32 SIMD set (each with its own tile shape, block length and packing) gives the
+    portable set's bits; a set this CPU lacks is skipped."""
     from refframe import _C
 
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", kernel)
@@ -139,9 +146,29 @@ def test_every_kernel_set_is_bitwise_identical_to_portable(monkeypatch, kernel, 
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(31, 16), (300, 47), (777, 250), (129, 1000), (2000, 96)])
+def test_amx_set_is_as_precise_as_portable(monkeypatch, dtype, shape):
+    """The AMX set's split-bf16 products give their own bits, but the same mean and an error
+    against float64 no worse than the fp32 sets' (within a factor that covers rounding luck)."""
+    from refframe import _C
+
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "amx")
+    if _C.cpu_kernel() != "amx":
+        pytest.skip("this CPU cannot run the amx kernel set")
+    W = make_w(*shape, dtype, offset_sigmas=30.0)
+    mu64, c64 = cov64(W)
+    amx = native_cov(W)
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
+    portable = native_cov(W)
+    assert torch.equal(amx[0], portable[0])
+    assert torch.equal(amx[1], amx[1].T)
+    assert rel_fro(amx[1], c64) <= 1.5 * rel_fro(portable[1], c64) + 1e-8
+
+
 def test_kernel_choice_follows_the_cpu(monkeypatch):
     """Without a request the best set this CPU supports is taken; asking for avx2 on an AVX-512
-    CPU gets avx2; an unknown name changes nothing."""
+    CPU gets avx2, avx512 on an AMX CPU avx512; an unknown name changes nothing."""
     from refframe import _C
 
     monkeypatch.delenv("REFFRAME_CPU_KERNEL", raising=False)
@@ -151,6 +178,10 @@ def test_kernel_choice_follows_the_cpu(monkeypatch):
     assert _C.cpu_kernel() == best
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx2")
     assert _C.cpu_kernel() == ("portable" if best == "portable" else "avx2")
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx512")
+    assert _C.cpu_kernel() == ("avx512" if best in ("avx512", "amx") else best)
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "amx")
+    assert _C.cpu_kernel() == best
 
 
 def test_center_syrk_rejects_bad_input():

@@ -33,8 +33,6 @@
 namespace refframe::cpu {
 namespace {
 
-constexpr int64_t RUN = 128;  // rows per fp32 register sum before it is added into fp64
-
 // The tiles of the upper triangle for an MR x NR micro-tile (MR, NR: the kernel set's).
 struct Triangle {
   int64_t d, MR, NR, TILE, pa, pb;
@@ -146,11 +144,13 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   column_mean(w, n, d, row_stride, ks, mean64);
 
   // A kernel set's own constants: blocks made of whole runs (the results must not depend on the
-  // block length), and B panels that lie inside one A panel when they are read from there.
-  TORCH_INTERNAL_ASSERT(ks.kc % RUN == 0 && (!ks.b_in_a || ks.mr % ks.nr == 0), "center_syrk: kernel set ",
-                        ks.name, " has an invalid tile or block length");
+  // block length), runs made of whole pack rows, and B panels that lie inside one A panel when they
+  // are read from there.
+  const int64_t RUN = ks.run, KC = ks.kc, EB = ks.pack_bytes;
+  TORCH_INTERNAL_ASSERT(RUN > 0 && KC % RUN == 0 && RUN % ks.kalign == 0 && (!ks.b_in_a || ks.mr % ks.nr == 0),
+                        "center_syrk: kernel set ", ks.name, " has an invalid tile or block length");
   const Triangle tri(d, ks.mr, ks.nr);
-  const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE, KC = ks.kc;
+  const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
   for (int64_t j = 0; j < d; ++j) mean32[j] = static_cast<float>(mean64[j]);
 
@@ -158,25 +158,28 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const auto items = make_items(tri, ks.mc_cols, ks.jb_cols, nthreads);
 
   // 64-byte aligned scratch: two sets of A and B packs (the block being multiplied and the next one,
-  // packed meanwhile) and the fp64 tile accumulator.
-  auto opts = at::TensorOptions().dtype(at::kFloat);
+  // packed meanwhile) and the fp64 tile accumulator. Pack offsets are in bytes: EB bytes per
+  // element, blocks of kcp = kc rounded up to the set's kalign rows.
   // With b_in_a, B panel jb is read from the A panels (columns jb NR .. jb NR + NR of a row of A
-  // panel jb NR / MR, rows MR floats apart) and only A panels are packed.
+  // panel jb NR / MR, rows MR elements apart) and only A panels are packed.
   const bool b_in_a = ks.b_in_a;
-  const int64_t pack_floats = (tri.pa * MR + (b_in_a ? 0 : tri.pb * NR)) * KC;
-  at::Tensor pack_t = at::empty({2 * pack_floats}, opts);
-  at::Tensor acc_t = at::zeros({tri.tiles * TILE}, opts.dtype(at::kDouble));
+  const auto padded = [&](int64_t kc) { return (kc + ks.kalign - 1) / ks.kalign * ks.kalign; };
+  const int64_t pack_set_bytes = (tri.pa * MR + (b_in_a ? 0 : tri.pb * NR)) * padded(KC) * EB;
+  at::Tensor pack_t = at::empty({2 * pack_set_bytes + 64}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor acc_t = at::zeros({tri.tiles * TILE}, at::TensorOptions().dtype(at::kDouble));
   double* acc = acc_t.data_ptr<double>();
+  char* const pack_base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(pack_t.data_ptr<uint8_t>()) + 63) & ~uintptr_t{63});
 
   // Panel p of the block starting at row r0 into pack set s. Panels [0, pa) are A panels, then B.
   auto pack_panel = [&](int64_t r0, int64_t s, int64_t p) {
-    const int64_t kc = std::min(KC, n - r0);
-    float* base = pack_t.data_ptr<float>() + s * pack_floats;
+    const int64_t kc = std::min(KC, n - r0), kcp = padded(kc);
+    char* base = pack_base + s * pack_set_bytes;
     const bool is_a = p < tri.pa;
     const int64_t panel = is_a ? MR : NR;
     const int64_t col = is_a ? p * MR : (p - tri.pa) * NR;
-    float* dst = is_a ? base + p * kc * MR : base + tri.pa * MR * kc + (p - tri.pa) * kc * NR;
-    pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, dst);
+    char* dst = is_a ? base + p * kcp * MR * EB : base + (tri.pa * MR + (p - tri.pa) * NR) * kcp * EB;
+    pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel,
+         reinterpret_cast<float*>(dst));
   };
   constexpr int64_t PACK_CHUNK = 8;  // panels per grab
   const int64_t npanels = tri.pa + (b_in_a ? 0 : tri.pb);
@@ -195,11 +198,12 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   // fp64 tiles in row order (the region ends before the next block starts).
   const int64_t nblocks = (n + KC - 1) / KC;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t r0 = blk * KC, kc = std::min(KC, n - r0);
+    const int64_t r0 = blk * KC, kc = std::min(KC, n - r0), kcp = padded(kc);
     TORCH_CHECK(!cancel_requested(caller), "center_syrk: cancelled");
     const bool pack_next = blk + 1 < nblocks;
-    const float* apack = pack_t.data_ptr<float>() + (blk & 1) * pack_floats;
-    const float* bpack = apack + tri.pa * MR * kc;
+    const char* apack = pack_base + (blk & 1) * pack_set_bytes;
+    const char* bpack = apack + tri.pa * MR * kcp * EB;
+    const int64_t bstep = (b_in_a ? MR : NR) * EB;  // bytes per row of a B panel
     std::atomic<int64_t> next_pack{0}, next_item{0};
     const int64_t item_count = static_cast<int64_t>(items.size());
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
@@ -207,23 +211,28 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
         for (int64_t c; (c = next_pack.fetch_add(1, std::memory_order_relaxed)) < pack_chunks;)
           pack_chunk(r0 + KC, (blk + 1) & 1, c);
       }
+      bool begun = false;
       for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < item_count;) {
+        if (!begun && ks.thread_begin != nullptr) ks.thread_begin();
+        begun = true;
         const WorkItem& it = items[i];
         for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
-          const float* b = b_in_a ? apack + (jb * NR / MR) * kc * MR + (jb * NR) % MR : bpack + jb * kc * NR;
+          const char* b = b_in_a ? apack + ((jb * NR / MR) * kcp * MR + (jb * NR) % MR) * EB : bpack + jb * kcp * NR * EB;
           const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
           for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
-            const float* a = apack + ia * kc * MR;
+            const char* a = apack + ia * kcp * MR * EB;
             double* c = acc + (tri.first_tile[jb] + ia) * TILE;
             // The tile after this one in the item, whose fp64 lines our first run prefetches.
             const double* next = nullptr;
             if (ia + 1 < ia_end) next = c + TILE;
             else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
             for (int64_t k0 = 0; k0 < kc; k0 += RUN)
-              ks.micro(std::min(RUN, kc - k0), a + k0 * MR, b + k0 * (b_in_a ? MR : NR), c, k0 == 0 ? next : nullptr);
+              ks.micro(std::min(RUN, kc - k0), reinterpret_cast<const float*>(a + k0 * MR * EB),
+                       reinterpret_cast<const float*>(b + k0 * bstep), c, k0 == 0 ? next : nullptr);
           }
         }
       }
+      if (begun && ks.thread_end != nullptr) ks.thread_end();
     });
     progress.advance(r0 + kc);
   }

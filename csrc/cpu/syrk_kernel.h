@@ -1,8 +1,9 @@
 // Interface between the center-and-syrk driver and its SIMD-specific building blocks.
 //
-// Every kernel set performs bit-for-bit the same arithmetic (exact conversions, one IEEE subtraction,
-// one fused multiply-add per product in the same order), so the portable, AVX2 and AVX-512 paths give
-// identical covariances; only their speed (and tile shape) differs.
+// The portable, AVX2 and AVX-512 kernel sets perform bit-for-bit the same arithmetic (exact
+// conversions, one IEEE subtraction, one fused multiply-add per product in the same order), so they
+// give identical covariances; only their speed (and tile shape) differs. The AMX set multiplies on
+// the tile units with split bf16 operands: as precise, but its own bits (see syrk_amx.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -41,12 +42,29 @@ struct KernelSet {
   // stride, mr with b_in_a, else nr. pf: the fp64 tile of the next call, to be prefetched
   // meanwhile, or null.
   void (*micro)(int64_t kc, const float* a, const float* b, double* c, const double* pf);
+  // Rows per micro call (each call's fp32 sums are added into fp64 once): a multiple of kalign that
+  // divides kc. The three fp32 sets share 128, which keeps them bitwise identical.
+  int64_t run = 128;
+  // Packs hold blocks of rows rounded up to a multiple of kalign (the pack zero-fills the extra
+  // rows), pack_bytes bytes per element of a panel (4 for fp32; other layouts are the set's own).
+  int64_t kalign = 1;
+  int64_t pack_bytes = 4;
+  // Called by each thread before its first micro call of a row block and after its last, or null.
+  void (*thread_begin)() = nullptr;
+  void (*thread_end)() = nullptr;
+  // Gives the portable set's bits (see the top of this file); false for a set with its own
+  // arithmetic, which is then bitwise reproducible only against itself.
+  bool bitwise_portable = true;
 };
 
 const KernelSet& portable_kernels();
 #ifdef REFFRAME_HAVE_AVX2_TU
 const KernelSet& avx2_kernels();
 const KernelSet& avx512_kernels();
+#endif
+#ifdef REFFRAME_HAVE_AMX_TU
+const KernelSet& amx_kernels();
+bool amx_usable();  // the CPU has AMX-TILE and AMX-BF16 and this process may use them
 #endif
 
 // Rows of W done by the running CPU center_syrk call and its row count (both 0 when none runs), for
@@ -68,9 +86,10 @@ void request_cancel(uint64_t key);
 void clear_cancel(uint64_t key);
 bool cancel_requested(uint64_t key);
 
-// The set used by center_syrk: AVX-512 when the CPU has AVX-512 F/BW/VL/DQ, else AVX2 when it has
-// AVX2+FMA+F16C, else portable. The environment variable REFFRAME_CPU_KERNEL=portable|avx2|avx512
-// asks for one set (used by the tests to compare them); a set this CPU cannot run is not taken.
+// The set used by center_syrk: AMX when the CPU has AVX-512 and usable AMX-BF16 tiles, else AVX-512
+// when it has AVX-512 F/BW/VL/DQ, else AVX2 when it has AVX2+FMA+F16C, else portable. The
+// environment variable REFFRAME_CPU_KERNEL=portable|avx2|avx512|amx asks for one set (used by the
+// tests to compare them); a set this CPU cannot run is not taken, the best one below it is.
 const KernelSet& active_kernels();
 
 }  // namespace refframe::cpu

@@ -61,6 +61,9 @@ const KernelSet& active_kernels() {
   static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
                                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                                  __builtin_cpu_supports("avx512dq");
+#ifdef REFFRAME_HAVE_AMX_TU
+  if (has_avx512 && !asked("avx2") && !asked("avx512") && amx_usable()) return amx_kernels();
+#endif
   if (has_avx512 && !asked("avx2")) return avx512_kernels();
   if (has_avx2) return avx2_kernels();
 #endif

@@ -1,0 +1,277 @@
+// AMX building blocks of center_syrk (Intel AMX-BF16 tile units, e.g. Sapphire Rapids and later).
+// Only this file is compiled with -mamx-tile -mamx-bf16; it is used only after a run-time check
+// (amx_usable()) that the CPU has the tile units and the kernel lets this process use them.
+//
+// The tile units multiply bf16 numbers (products exact in fp32, sums in fp32), about sixteen times
+// as many per cycle as the fp32 FMA units. To keep fp32 precision, every converted and centred
+// value x (fp32, the same value the other sets compute) is split into three bf16 numbers,
+// x = h + m + l up to a relative 2^-27 (h = bf16(x), m = bf16(x - h), l = bf16(x - h - m)), and a
+// product x y is taken as h h' + (h m' + m h' + m m' + h l' + l h'), dropping the terms of relative
+// size 2^-26 and below. The leading term and the sum of the small ones are accumulated in separate
+// fp32 tiles, so the small terms add no rounding at the size of the leading one; after each run of
+// rows both are added into the fp64 tile. The result is not bitwise that of the other sets (the
+// tile units round their sums in their own order), but it is as precise, and bitwise the same for
+// any thread count (runs start at row 0 and each tile's runs are added in row order).
+//
+// Micro-tile: 16 rows (i, the "A" panels of the driver, in the tile units' pair-interleaved B
+// layout) x 32 columns (j, the driver's "B" panels, transposed: one tile row per column). Panels
+// hold blocks of 32 rows of W; per block and part, the A panel is one 1 KiB tile, the B panel two.
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "syrk_kernel.h"
+
+namespace refframe::cpu {
+namespace {
+
+constexpr int64_t MRX = 16;    // i side (A panels), one tile of 16 columns
+constexpr int64_t NRX = 32;    // j side (B panels), two tiles of 16 columns
+constexpr int64_t KQ = 32;     // rows of W per tile product
+constexpr int64_t TILE_BYTES = 1024;
+constexpr int64_t PARTS = 3;
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+struct LoadBF16 {
+  using T = c10::BFloat16;
+  static __m512 load(const T* p, __mmask16 m) {
+    const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+};
+struct LoadF16 {
+  using T = c10::Half;
+  static __m512 load(const T* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct LoadF32 {
+  using T = float;
+  static __m512 load(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+
+// Round fp32 to the nearest bf16 (ties to even), kept as fp32 bits whose low 16 bits are zero.
+inline __m512i round_bf16(__m512i u) {
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
+// x = h + m + l; each part is returned as fp32 bits with zero low halves. Both subtractions are
+// exact (each remainder is at most half an ulp of the part before it).
+inline void split3(__m512 x, __m512i& h, __m512i& m, __m512i& l) {
+  h = round_bf16(_mm512_castps_si512(x));
+  const __m512 r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
+  m = round_bf16(_mm512_castps_si512(r1));
+  const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(m));
+  l = round_bf16(_mm512_castps_si512(r2));
+}
+
+// The pair (row 2kk, row 2kk + 1) of 16 columns as the tile units' dwords: low half row 2kk.
+inline __m512i pair(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
+
+// Pair dwords of the 3 parts for up to 16 columns of rows k0 + 2kk, k0 + 2kk + 1 (kk < 16): rows at
+// or past kc, and columns at or past the width, are 0.
+template <typename L>
+inline void pairs16(const typename L::T* src, int64_t stride, int64_t k0, int64_t kc, const __m512 mean,
+                    __mmask16 in, __m512i out[PARTS][16]) {
+  for (int kk = 0; kk < 16; ++kk) {
+    __m512i p[2][PARTS];
+    for (int e = 0; e < 2; ++e) {
+      const int64_t k = k0 + 2 * kk + e;
+      if (k < kc) {
+        const __m512 x = _mm512_maskz_sub_ps(in, L::load(src + k * stride, in), mean);
+        split3(x, p[e][0], p[e][1], p[e][2]);
+      } else {
+        p[e][0] = p[e][1] = p[e][2] = _mm512_setzero_si512();
+      }
+    }
+    for (int q = 0; q < PARTS; ++q) out[q][kk] = pair(p[0][q], p[1][q]);
+  }
+}
+
+// 16 x 16 transpose of dwords.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Now 128-bit lane L of r[4g + s] holds rows 4g .. 4g + 3 of column 4L + s: gather column 4L + s's
+  // four lanes from r[s], r[s + 4], r[s + 8], r[s + 12].
+  for (int i = 0; i < 4; ++i) {
+    const __m512i a = r[i], b = r[i + 4], c = r[i + 8], d = r[i + 12];
+    const __m512i ab_lo = _mm512_shuffle_i32x4(a, b, 0x88), ab_hi = _mm512_shuffle_i32x4(a, b, 0xDD);
+    const __m512i cd_lo = _mm512_shuffle_i32x4(c, d, 0x88), cd_hi = _mm512_shuffle_i32x4(c, d, 0xDD);
+    t[i] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88);
+    t[i + 8] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xDD);
+    t[i + 4] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// Packs kc rows (padded with zero rows to a multiple of 32) of `width` <= panel columns.
+// panel == MRX: A layout, per 32-row block and part one tile, row kk = the 16 column pairs of rows
+// 2kk, 2kk + 1. panel == NRX: B layout, per block and part two tiles (columns 0-15, 16-31), row c =
+// column c's 32 rows as 16 pairs.
+template <typename L>
+void pack_amx(const typename L::T* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
+              int64_t panel, float* dst_f) {
+  auto* dst = reinterpret_cast<__m512i*>(dst_f);
+  const int64_t groups = panel / 16;
+  __m512 mv[2];
+  __mmask16 in[2];
+  for (int64_t g = 0; g < groups; ++g) {
+    in[g] = lanes(width - 16 * g);
+    mv[g] = _mm512_maskz_loadu_ps(in[g], mean + 16 * g);
+  }
+  __m512i pr[PARTS][16];
+  for (int64_t k0 = 0; k0 < kc; k0 += KQ) {
+    for (int64_t g = 0; g < groups; ++g) {
+      pairs16<L>(src + 16 * g, stride, k0, kc, mv[g], in[g], pr);
+      for (int q = 0; q < PARTS; ++q) {
+        if (panel == NRX) transpose16(pr[q]);
+        __m512i* tile = dst + (q * groups + g) * 16;
+        for (int r = 0; r < 16; ++r) _mm512_store_si512(tile + r, pr[q][r]);
+      }
+    }
+    dst += PARTS * groups * 16;
+  }
+}
+
+// Palette 1, all 8 tiles 16 rows x 64 bytes. A constant in memory: built on the stack, GCC 12 may
+// drop the stores it does not see the tile-config load read.
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+alignas(64) const TileConfig tile_config = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+void begin_amx() { _tile_loadconfig(&tile_config); }
+
+void end_amx() { _tile_release(); }
+
+// c[col * 16 + row] += the 16 x 32 tile's products over kc rows (kc rounded up to 32: the packs
+// are zero there). Tiles: 0, 1 leading terms (columns 0-15, 16-31), 2, 3 the small terms, 4, 5 a
+// part of the B panel, 6, 7 parts of the A panel.
+void micro_amx(int64_t kc, const float* a_f, const float* b_f, double* c, const double* pf) {
+  const char* a = reinterpret_cast<const char*>(a_f);
+  const char* b = reinterpret_cast<const char*>(b_f);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k0 = 0; k0 < kc; k0 += KQ) {
+    // A: parts h, m, l at 0, 1, 2 KiB; B: parts at 0, 2, 4 KiB, two tiles each.
+    _tile_loadd(4, b, 64);
+    _tile_loadd(5, b + TILE_BYTES, 64);
+    _tile_loadd(6, a, 64);
+    _tile_dpbf16ps(0, 4, 6);  // h h'
+    _tile_dpbf16ps(1, 5, 6);
+    _tile_loadd(7, a + TILE_BYTES, 64);
+    _tile_dpbf16ps(2, 4, 7);  // h m'
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(6, a + 2 * TILE_BYTES, 64);
+    _tile_dpbf16ps(2, 4, 6);  // h l'
+    _tile_dpbf16ps(3, 5, 6);
+    _tile_loadd(4, b + 2 * TILE_BYTES, 64);
+    _tile_loadd(5, b + 3 * TILE_BYTES, 64);
+    _tile_dpbf16ps(2, 4, 7);  // m m'
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(6, a, 64);
+    _tile_dpbf16ps(2, 4, 6);  // m h'
+    _tile_dpbf16ps(3, 5, 6);
+    _tile_loadd(4, b + 4 * TILE_BYTES, 64);
+    _tile_loadd(5, b + 5 * TILE_BYTES, 64);
+    _tile_dpbf16ps(2, 4, 6);  // l h'
+    _tile_dpbf16ps(3, 5, 6);
+    a += PARTS * TILE_BYTES;
+    b += 2 * PARTS * TILE_BYTES;
+  }
+  alignas(64) float lead[2 * 256], small[2 * 256];
+  _tile_stored(0, lead, 64);
+  _tile_stored(1, lead + 256, 64);
+  _tile_stored(2, small, 64);
+  _tile_stored(3, small + 256, 64);
+  if (pf != nullptr)
+    for (int64_t line = 0; line < 2 * 256 / 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(pf + 8 * line), _MM_HINT_T1);
+  for (int64_t e = 0; e < 2 * 256; e += 16) {
+    const __m512 x = _mm512_load_ps(lead + e), y = _mm512_load_ps(small + e);
+    const __m256 xl = _mm512_castps512_ps256(x), yl = _mm512_castps512_ps256(y);
+    const __m256 xh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+    const __m256 yh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1));
+    _mm512_storeu_pd(c + e, _mm512_add_pd(_mm512_loadu_pd(c + e), _mm512_add_pd(_mm512_cvtps_pd(xl), _mm512_cvtps_pd(yl))));
+    _mm512_storeu_pd(c + e + 8,
+                     _mm512_add_pd(_mm512_loadu_pd(c + e + 8), _mm512_add_pd(_mm512_cvtps_pd(xh), _mm512_cvtps_pd(yh))));
+  }
+}
+
+}  // namespace
+
+bool amx_usable() {
+#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool usable = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+    if (!tile || !bf16) return false;
+    __cpuid_count(1, 0, a, b, c, d);
+    if (!((c >> 27) & 1u)) return false;  // OSXSAVE
+    // The kernel enables the tile state (XCR0 bits 17, 18) and grants it per process on request.
+    if ((_xgetbv(0) & (3ull << 17)) != (3ull << 17)) return false;
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+const KernelSet& amx_kernels() {
+  const KernelSet& avx2 = avx2_kernels();
+  static const KernelSet set = [&] {
+    KernelSet s = avx2;
+    s.name = "amx";
+    s.mr = MRX;
+    s.nr = NRX;
+    s.kc = 256;
+    s.mc_cols = 512;
+    s.jb_cols = 1024;
+    s.b_in_a = false;
+    s.run = 256;
+    s.kalign = KQ;
+    s.pack_bytes = 2 * PARTS;
+    s.pack_bf16 = pack_amx<LoadBF16>;
+    s.pack_f16 = pack_amx<LoadF16>;
+    s.pack_f32 = pack_amx<LoadF32>;
+    s.micro = micro_amx;
+    s.thread_begin = begin_amx;
+    s.thread_end = end_amx;
+    s.bitwise_portable = false;
+    return s;
+  }();
+  return set;
+}
+
+}  // namespace refframe::cpu
