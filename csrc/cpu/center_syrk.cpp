@@ -5,16 +5,19 @@
 //
 // Two passes over W. Pass 1 sums each column in fp64 (the exact mean, whatever the offset). Pass 2
 // takes blocks of KC rows; each block is converted, centred and packed once into MR-wide (A) and
-// NR-wide (B) column panels (fp32, L2/L3 resident; the kernel set's tile, e.g. 16 x 6 for AVX2,
-// 48 x 8 for AVX-512, where B is read from the A panels), then MR x NR register tiles of the upper
-// triangle accumulate RUN products at a time in fp32 and add them into an fp64 tile accumulator. So
-// no fp32 or centred copy of W exists, only one triangle is computed, and no fp32 sum is longer than
-// RUN terms (relative error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
+// NR-wide (B) column panels (L2/L3 resident, in the kernel set's layout: fp32 rows for the 16 x 6
+// AVX2 and 48 x 8 AVX-512 tiles, where AVX-512 reads B from the A panels; split bf16 tiles for the
+// 16 x 32 AMX tile), then MR x NR tiles of the upper triangle accumulate RUN rows of products at a
+// time in fp32 and add them into an fp64 tile accumulator. So no fp32 or centred copy of W exists,
+// only one triangle is computed, and no fp32 sum is longer than RUN terms (128, AMX 256; relative
+// error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
 //
 // Threads split the triangle's tiles (not the rows), taking work items as they become free, and
 // pack the next block while the current one is multiplied. Each fp64 tile always receives its block
 // sums in the same order (runs of RUN rows from row 0, whatever KC or the tile shape), so the result
-// is bitwise identical for any thread count, timing or kernel set.
+// is bitwise identical for any thread count or timing, and across the portable, AVX2 and AVX-512
+// sets (the AMX set rounds in its own way: bitwise reproducible and within the same error, but not the
+// same bits).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -89,16 +92,19 @@ struct Typed;
 template <>
 struct Typed<c10::BFloat16> {
   static auto pack(const KernelSet& k) { return k.pack_bf16; }
+  static auto pack_pair(const KernelSet& k) { return k.pack_pair_bf16; }
   static auto accumulate(const KernelSet& k) { return k.accumulate_bf16; }
 };
 template <>
 struct Typed<c10::Half> {
   static auto pack(const KernelSet& k) { return k.pack_f16; }
+  static auto pack_pair(const KernelSet& k) { return k.pack_pair_f16; }
   static auto accumulate(const KernelSet& k) { return k.accumulate_f16; }
 };
 template <>
 struct Typed<float> {
   static auto pack(const KernelSet& k) { return k.pack_f32; }
+  static auto pack_pair(const KernelSet& k) { return k.pack_pair_f32; }
   static auto accumulate(const KernelSet& k) { return k.accumulate_f32; }
 };
 
@@ -141,13 +147,15 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const uint64_t caller = thread_key();
   const KernelSet& ks = active_kernels();
   const auto pack = Typed<T>::pack(ks);
+  const auto pack_pair = Typed<T>::pack_pair(ks);
   column_mean(w, n, d, row_stride, ks, mean64);
 
   // A kernel set's own constants: blocks made of whole runs (the results must not depend on the
   // block length), runs made of whole pack rows, and B panels that lie inside one A panel when they
   // are read from there.
   const int64_t RUN = ks.run, KC = ks.kc, EB = ks.pack_bytes;
-  TORCH_INTERNAL_ASSERT(RUN > 0 && KC % RUN == 0 && RUN % ks.kalign == 0 && (!ks.b_in_a || ks.mr % ks.nr == 0),
+  TORCH_INTERNAL_ASSERT(RUN > 0 && KC % RUN == 0 && RUN % ks.kalign == 0 && (!ks.b_in_a || ks.mr % ks.nr == 0) &&
+                            (pack_pair == nullptr ? pack != nullptr : !ks.b_in_a && ks.nr % ks.mr == 0),
                         "center_syrk: kernel set ", ks.name, " has an invalid tile or block length");
   const Triangle tri(d, ks.mr, ks.nr);
   const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
@@ -170,19 +178,27 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   double* acc = acc_t.data_ptr<double>();
   char* const pack_base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(pack_t.data_ptr<uint8_t>()) + 63) & ~uintptr_t{63});
 
-  // Panel p of the block starting at row r0 into pack set s. Panels [0, pa) are A panels, then B.
+  // Panel p of the block starting at row r0 into pack set s. Panels [0, pa) are A panels, then B;
+  // with pack_pair, panel p is B panel p together with the A panels of its columns.
   auto pack_panel = [&](int64_t r0, int64_t s, int64_t p) {
     const int64_t kc = std::min(KC, n - r0), kcp = padded(kc);
     char* base = pack_base + s * pack_set_bytes;
+    const T* src = w + r0 * row_stride;
+    if (pack_pair != nullptr) {
+      const int64_t col = p * NR;
+      pack_pair(src + col, row_stride, kc, mean32.data() + col, std::min(NR, d - col),
+                reinterpret_cast<float*>(base + (tri.pa * MR + p * NR) * kcp * EB),
+                reinterpret_cast<float*>(base + col * kcp * EB), kcp * MR * EB);
+      return;
+    }
     const bool is_a = p < tri.pa;
     const int64_t panel = is_a ? MR : NR;
     const int64_t col = is_a ? p * MR : (p - tri.pa) * NR;
     char* dst = is_a ? base + p * kcp * MR * EB : base + (tri.pa * MR + (p - tri.pa) * NR) * kcp * EB;
-    pack(w + r0 * row_stride + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel,
-         reinterpret_cast<float*>(dst));
+    pack(src + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, reinterpret_cast<float*>(dst));
   };
   constexpr int64_t PACK_CHUNK = 8;  // panels per grab
-  const int64_t npanels = tri.pa + (b_in_a ? 0 : tri.pb);
+  const int64_t npanels = pack_pair != nullptr ? tri.pb : tri.pa + (b_in_a ? 0 : tri.pb);
   const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
   auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
     for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p) pack_panel(r0, s, p);

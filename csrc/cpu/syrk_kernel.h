@@ -49,12 +49,18 @@ struct KernelSet {
   // rows), pack_bytes bytes per element of a panel (4 for fp32; other layouts are the set's own).
   int64_t kalign = 1;
   int64_t pack_bytes = 4;
+  // Optional (null for sets without them; pack_* may then be null): pack B panel columns [0, width) and the A panels of the
+  // same columns (nr / mr of them, consecutive, a_stride bytes apart; those at or past the last
+  // column are not written) in one pass, with the same bytes as pack_* for each panel.
+  void (*pack_pair_bf16)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* mean,
+                         int64_t width, float* dst_b, float* dst_a, int64_t a_stride) = nullptr;
+  void (*pack_pair_f16)(const c10::Half* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
+                        float* dst_b, float* dst_a, int64_t a_stride) = nullptr;
+  void (*pack_pair_f32)(const float* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
+                        float* dst_b, float* dst_a, int64_t a_stride) = nullptr;
   // Called by each thread before its first micro call of a row block and after its last, or null.
   void (*thread_begin)() = nullptr;
   void (*thread_end)() = nullptr;
-  // Gives the portable set's bits (see the top of this file); false for a set with its own
-  // arithmetic, which is then bitwise reproducible only against itself.
-  bool bitwise_portable = true;
 };
 
 const KernelSet& portable_kernels();
