@@ -174,16 +174,51 @@ struct alignas(64) TileConfig {
 alignas(64) const TileConfig tile_config = {
     1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
-void begin_amx() { _tile_loadconfig(&tile_config); }
+// A tile's fp32 sums wait here, per thread, to be added into its fp64 tile c while the tile units
+// work on the thread's next tile (the adds are memory-bound, the tile products are not).
+constexpr int64_t TILE_ELEMS = MRX * NRX;
+struct alignas(64) Pending {
+  float lead[TILE_ELEMS];
+  float small[TILE_ELEMS];
+  double* c = nullptr;
+};
+thread_local Pending pending;
 
-void end_amx() { _tile_release(); }
+// c[e] += double(lead[e]) + double(small[e]) for e in [e0, e1), a multiple of 16 apart.
+inline void add_pending(const Pending& p, int64_t e0, int64_t e1) {
+  for (int64_t e = e0; e < e1; e += 16) {
+    const __m512 x = _mm512_load_ps(p.lead + e), y = _mm512_load_ps(p.small + e);
+    const __m256 xl = _mm512_castps512_ps256(x), yl = _mm512_castps512_ps256(y);
+    const __m256 xh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+    const __m256 yh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1));
+    double* c = p.c + e;
+    _mm512_storeu_pd(c, _mm512_add_pd(_mm512_loadu_pd(c), _mm512_add_pd(_mm512_cvtps_pd(xl), _mm512_cvtps_pd(yl))));
+    _mm512_storeu_pd(c + 8, _mm512_add_pd(_mm512_loadu_pd(c + 8), _mm512_add_pd(_mm512_cvtps_pd(xh), _mm512_cvtps_pd(yh))));
+  }
+}
+
+void begin_amx() {
+  _tile_loadconfig(&tile_config);
+  pending.c = nullptr;
+}
+
+// The thread's last tile of the row block is added before the block ends.
+void end_amx() {
+  if (pending.c != nullptr) add_pending(pending, 0, TILE_ELEMS);
+  pending.c = nullptr;
+  _tile_release();
+}
 
 // c[col * 16 + row] += the 16 x 32 tile's products over kc rows (kc rounded up to 32: the packs
-// are zero there). Tiles: 0, 1 leading terms (columns 0-15, 16-31), 2, 3 the small terms, 4, 5 a
-// part of the B panel, 6, 7 parts of the A panel.
-void micro_amx(int64_t kc, const float* a_f, const float* b_f, double* c, const double* pf) {
+// are zero there), added when the thread's next call (or end_amx) runs; meanwhile this call adds
+// the previous call's sums, a slice per 32 rows. Tiles: 0, 1 leading terms (columns 0-15, 16-31),
+// 2, 3 the small terms, 4, 5 a part of the B panel, 6, 7 parts of the A panel.
+void micro_amx(int64_t kc, const float* a_f, const float* b_f, double* c, const double*) {
   const char* a = reinterpret_cast<const char*>(a_f);
   const char* b = reinterpret_cast<const char*>(b_f);
+  Pending& pd = pending;
+  constexpr int64_t SLICE = 64;  // elements of the previous tile added per 32 rows
+  int64_t added = pd.c != nullptr ? 0 : TILE_ELEMS;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -214,23 +249,21 @@ void micro_amx(int64_t kc, const float* a_f, const float* b_f, double* c, const 
     _tile_dpbf16ps(3, 5, 6);
     a += PARTS * TILE_BYTES;
     b += 2 * PARTS * TILE_BYTES;
+    if (added < TILE_ELEMS) {
+      add_pending(pd, added, added + SLICE);
+      added += SLICE;
+    }
+    // This tile's fp64 lines, for the next call's adds.
+    const int64_t q = k0 / KQ;
+    if (q < TILE_ELEMS / 8 / 8)
+      for (int64_t l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(c + 8 * (8 * q + l)), _MM_HINT_T1);
   }
-  alignas(64) float lead[2 * 256], small[2 * 256];
-  _tile_stored(0, lead, 64);
-  _tile_stored(1, lead + 256, 64);
-  _tile_stored(2, small, 64);
-  _tile_stored(3, small + 256, 64);
-  if (pf != nullptr)
-    for (int64_t line = 0; line < 2 * 256 / 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(pf + 8 * line), _MM_HINT_T1);
-  for (int64_t e = 0; e < 2 * 256; e += 16) {
-    const __m512 x = _mm512_load_ps(lead + e), y = _mm512_load_ps(small + e);
-    const __m256 xl = _mm512_castps512_ps256(x), yl = _mm512_castps512_ps256(y);
-    const __m256 xh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
-    const __m256 yh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1));
-    _mm512_storeu_pd(c + e, _mm512_add_pd(_mm512_loadu_pd(c + e), _mm512_add_pd(_mm512_cvtps_pd(xl), _mm512_cvtps_pd(yl))));
-    _mm512_storeu_pd(c + e + 8,
-                     _mm512_add_pd(_mm512_loadu_pd(c + e + 8), _mm512_add_pd(_mm512_cvtps_pd(xh), _mm512_cvtps_pd(yh))));
-  }
+  if (added < TILE_ELEMS) add_pending(pd, added, TILE_ELEMS);
+  _tile_stored(0, pd.lead, 64);
+  _tile_stored(1, pd.lead + 256, 64);
+  _tile_stored(2, pd.small, 64);
+  _tile_stored(3, pd.small + 256, 64);
+  pd.c = c;
 }
 
 }  // namespace
