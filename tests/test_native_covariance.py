@@ -32,8 +32,9 @@ SHAPES = [
     (2000, 250),
 ]
 
-KERNEL_SETS = ["portable", "avx2", "avx512", "amx"]
-# Sets with the portable set's arithmetic, hence its bits; amx has its own (split bf16 products).
+KERNEL_SETS = ["portable", "avx2", "avx512", "avx512bf16", "amx"]
+# Sets with the portable set's arithmetic, hence its bits; amx (split bf16 products) and avx512bf16
+# (exact bf16 products of bf16 W) have their own.
 BITWISE_SETS = ["avx2", "avx512"]
 
 
@@ -167,8 +168,8 @@ def test_amx_set_is_as_precise_as_portable(monkeypatch, dtype, shape):
 
 
 def test_kernel_choice_follows_the_cpu(monkeypatch):
-    """Without a request the best set this CPU supports is taken; asking for avx2 on an AVX-512
-    CPU gets avx2, avx512 on an AMX CPU avx512; an unknown name changes nothing."""
+    """Without a request the best set this CPU supports is taken; asking for a lesser set gets it
+    (or the best below it that the CPU has); an unknown name changes nothing."""
     from refframe import _C
 
     monkeypatch.delenv("REFFRAME_CPU_KERNEL", raising=False)
@@ -179,9 +180,102 @@ def test_kernel_choice_follows_the_cpu(monkeypatch):
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx2")
     assert _C.cpu_kernel() == ("portable" if best == "portable" else "avx2")
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx512")
-    assert _C.cpu_kernel() == ("avx512" if best in ("avx512", "amx") else best)
+    assert _C.cpu_kernel() == ("avx512" if best in ("avx512", "avx512bf16", "amx") else best)
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx512bf16")
+    if best == "amx":  # every AMX CPU so far has AVX512_BF16, but that is the CPU's to say
+        assert _C.cpu_kernel() in ("avx512bf16", "avx512")
+    else:
+        assert _C.cpu_kernel() == best
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", "amx")
     assert _C.cpu_kernel() == best
+
+
+@pytest.fixture
+def bf16_set(monkeypatch):
+    from refframe import _C
+
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx512bf16")
+    if _C.cpu_kernel() != "avx512bf16":
+        pytest.skip("this CPU cannot run the avx512bf16 kernel set")
+
+    def with_set(name: str, W: torch.Tensor):
+        monkeypatch.setenv("REFFRAME_CPU_KERNEL", name)
+        try:
+            return native_cov(W)
+        finally:
+            monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx512bf16")
+
+    return with_set
+
+
+# d around the 48-column panels, with centred columns whose two extra columns start a new panel,
+# share one with W's last columns, or are all there is of it.
+@pytest.mark.parametrize("shape", [(3000, 96), (3000, 100), (2001, 49), (1500, 300), (513, 24)])
+@pytest.mark.parametrize("centred", [1, 3])
+def test_bf16_set_centres_offset_columns_exactly(bf16_set, shape, centred):
+    """bf16 W with a few columns 50 sigma off zero: those are centred and split into parts (extra
+    columns of the product), the rest multiplied as they are; both within 1e-7 of float64, the
+    diagonal included, and the mean the other sets' bits."""
+    n, d = shape
+    W = make_w(n, d, torch.float64)
+    W[:, :centred] += 1.0 + torch.arange(centred, dtype=torch.float64)
+    W = W.to(torch.bfloat16)
+    mu64, c64 = cov64(W)
+    mean, cov = native_cov(W)
+    assert torch.equal(cov, cov.T)
+    assert rel_fro(cov, c64) < 1e-7
+    assert rel_fro(torch.diagonal(cov), torch.diagonal(c64)) < 1e-7
+    fallback = bf16_set("avx512", W)
+    assert torch.equal(mean, fallback[0])
+    assert not torch.equal(cov, fallback[1])  # the exact path ran, not the fallback
+    # The offset columns' own block, which an uncentred fp32 sum would get wrong by ~1e-4.
+    assert rel_fro(cov[:centred], c64[:centred]) < 1e-7
+
+
+def test_bf16_set_diagonal_is_unbiased(bf16_set):
+    """Squares of bf16 numbers have biased low bits, so fp32 sums of them round low (by ~1.5e-7 of
+    the sum at 128 rows a run); the set takes the diagonal from fp64 sums of squares instead."""
+    W = make_w(40000, 64, torch.bfloat16)
+    _, c64 = cov64(W)
+    _, cov = native_cov(W)
+    rel = (torch.diagonal(cov).double() - torch.diagonal(c64)) / torch.diagonal(c64)
+    assert abs(float(rel.mean())) < 2e-8
+    assert float(rel.abs().max()) < 2e-7
+
+
+@pytest.mark.parametrize("scale", [1e-16, 1e-8, 1e8, 1e16])
+def test_bf16_set_any_magnitude(bf16_set, scale):
+    """Each column is scaled by a power of two before its products (vdpbf16ps flushes subnormal
+    inputs and sums to zero), so W keeps its precision at any magnitude whose covariance fp32 holds
+    (at 1e-16 the covariance is ~1e-35, near the smallest normal fp32)."""
+    W = (make_w(3000, 70, torch.float64) * scale).to(torch.bfloat16)
+    mu64, c64 = cov64(W)
+    mean, cov = native_cov(W)
+    assert torch.isfinite(cov).all()
+    assert rel_fro(cov, c64) < 1e-7
+    assert float((mean - mu64).abs().max()) <= 1e-12 * float(mu64.abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bf16_set_falls_back_to_avx512(bf16_set, dtype):
+    """fp16 and fp32 W, and bf16 W with more than d / 8 columns to centre (here every column sits
+    far from zero), are done by the avx512 set: its bits exactly."""
+    W = make_w(700, 80, torch.float64) + 5.0
+    W = W.to(dtype)
+    ours = native_cov(W)
+    theirs = bf16_set("avx512", W)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_bf16_set_non_finite_input_falls_back(bf16_set):
+    W = make_w(300, 40, torch.float64)
+    W[5, 7] = float("inf")
+    W[9, 20] = float("nan")
+    W = W.to(torch.bfloat16)
+    ours = native_cov(W)
+    theirs = bf16_set("avx512", W)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0, equal_nan=True)
 
 
 def test_center_syrk_rejects_bad_input():

@@ -25,9 +25,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <unordered_set>
 #include <vector>
 
@@ -141,23 +143,108 @@ struct ProgressScope {
   }
 };
 
+// How a set with exact bf16 products (ExactBf16, syrk_avx512bf16.cpp) multiplies W: the columns
+// of the extended matrix (W's d columns, then parts 1 and 2 of each centred column) and, per column
+// of W, its power-of-two scale, its shift (0, or its mean scaled, in fp32) and what remains to be
+// taken out in fp64 at the end.
+struct ExactPlan {
+  int64_t dp = 0;                    // columns of the extended matrix
+  std::vector<int32_t> cols, parts;  // per extended column: its column of W and its part
+  std::vector<int32_t> extra;        // per column of W: its first extra column, or -1
+  std::vector<float> scale, shift;
+  std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
+  std::vector<double> diag;            // sum of t^2 over the rows, filled by the packs
+};
+
+// Column statistics in one pass, columns split across threads, rows in order: the mean (the same
+// bits as column_mean), the sum of squares and the largest |x|.
+void column_moments(const c10::BFloat16* w, int64_t n, int64_t d, int64_t row_stride, const ExactBf16& ops,
+                    double* mean, double* sq, float* amax) {
+  at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
+    const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
+    std::fill(mean + j0, mean + j1, 0.0);
+    std::fill(sq + j0, sq + j1, 0.0);
+    std::fill(amax + j0, amax + j1, 0.0f);
+    for (int64_t r = 0; r < n; ++r) ops.moments(w + r * row_stride + j0, j1 - j0, mean + j0, sq + j0, amax + j0);
+    for (int64_t j = j0; j < j1; ++j) mean[j] /= static_cast<double>(n);
+  });
+}
+
+// Fills the plan; false when the fallback set should run instead: a value that is not finite, or
+// more than d / 8 columns to centre (their parts would cost more than the faster products gain).
+// A column is centred when |mean| > its standard deviation.
+bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, ExactPlan& p) {
+  std::vector<char> centre(d, 0);
+  int64_t centred = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    if (!std::isfinite(mean[j]) || !std::isfinite(sq[j])) return false;
+    const double var = sq[j] / static_cast<double>(n) - mean[j] * mean[j];
+    centre[j] = mean[j] != 0.0 && mean[j] * mean[j] > var;
+    centred += centre[j];
+  }
+  if (8 * centred > d) return false;
+  p.dp = d + 2 * centred;
+  const int64_t pad = 64;
+  p.cols.assign(p.dp + pad, 0);
+  p.parts.assign(p.dp + pad, 0);
+  p.extra.assign(d, -1);
+  p.scale.assign(d + pad, 0.0f);
+  p.shift.assign(d + pad, 0.0f);
+  p.unscale.assign(d, 1.0);
+  p.delta.assign(d, 0.0);
+  p.diag.assign(d, 0.0);
+  int64_t next = d;
+  for (int64_t j = 0; j < d; ++j) {
+    int e = 0;
+    if (amax[j] > 0.0f) std::frexp(amax[j], &e);  // amax = f 2^e, f in [0.5, 1)
+    e = std::clamp(e, -120, 120);
+    p.scale[j] = std::ldexp(1.0f, -e);
+    p.unscale[j] = std::ldexp(1.0, e);
+    const double m = mean[j] * static_cast<double>(p.scale[j]);  // exact
+    p.shift[j] = centre[j] ? static_cast<float>(m) : 0.0f;
+    p.delta[j] = m - static_cast<double>(p.shift[j]);
+    p.cols[j] = static_cast<int32_t>(j);
+    if (centre[j]) {
+      p.extra[j] = static_cast<int32_t>(next);
+      for (int q = 1; q <= 2; ++q, ++next) {
+        p.cols[next] = static_cast<int32_t>(j);
+        p.parts[next] = q;
+      }
+    }
+  }
+  return true;
+}
+
 template <typename T>
 void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, double* mean64, float* cov) {
   const ProgressScope progress(n);
   const uint64_t caller = thread_key();
-  const KernelSet& ks = active_kernels();
+  const KernelSet& chosen = active_kernels();
+  // A set with exact bf16 products runs on bf16 W whose plan allows it; otherwise its fallback does.
+  ExactPlan plan;
+  bool exact = false;
+  if (chosen.exact != nullptr && std::is_same_v<T, c10::BFloat16>) {
+    std::vector<double> sq(d);
+    std::vector<float> amax(d);
+    column_moments(reinterpret_cast<const c10::BFloat16*>(w), n, d, row_stride, *chosen.exact, mean64, sq.data(),
+                   amax.data());
+    exact = plan_exact(mean64, sq.data(), amax.data(), n, d, plan);
+  }
+  const KernelSet& ks = exact ? chosen : chosen.exact != nullptr ? chosen.exact->fallback() : chosen;
   const auto pack = Typed<T>::pack(ks);
   const auto pack_pair = Typed<T>::pack_pair(ks);
-  column_mean(w, n, d, row_stride, ks, mean64);
+  if (chosen.exact == nullptr || !std::is_same_v<T, c10::BFloat16>) column_mean(w, n, d, row_stride, ks, mean64);
+  const int64_t dp = exact ? plan.dp : d;  // columns of the matrix multiplied
 
   // A kernel set's own constants: blocks made of whole runs (the results must not depend on the
   // block length), runs made of whole pack rows, and B panels that lie inside one A panel when they
   // are read from there.
-  const int64_t RUN = ks.run, KC = ks.kc, EB = ks.pack_bytes;
+  const int64_t RUN = ks.run, KC = ks.kc, EB = ks.pack_bytes, BC = ks.b_col_bytes > 0 ? ks.b_col_bytes : EB;
   TORCH_INTERNAL_ASSERT(RUN > 0 && KC % RUN == 0 && RUN % ks.kalign == 0 && (!ks.b_in_a || ks.mr % ks.nr == 0) &&
-                            (pack_pair == nullptr ? pack != nullptr : !ks.b_in_a && ks.nr % ks.mr == 0),
+                            (exact ? ks.b_in_a
+                                   : pack_pair == nullptr ? pack != nullptr : !ks.b_in_a && ks.nr % ks.mr == 0),
                         "center_syrk: kernel set ", ks.name, " has an invalid tile or block length");
-  const Triangle tri(d, ks.mr, ks.nr);
+  const Triangle tri(dp, ks.mr, ks.nr);
   const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
   for (int64_t j = 0; j < d; ++j) mean32[j] = static_cast<float>(mean64[j]);
@@ -169,7 +256,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   // packed meanwhile) and the fp64 tile accumulator. Pack offsets are in bytes: EB bytes per
   // element, blocks of kcp = kc rounded up to the set's kalign rows.
   // With b_in_a, B panel jb is read from the A panels (columns jb NR .. jb NR + NR of a row of A
-  // panel jb NR / MR, rows MR elements apart) and only A panels are packed.
+  // panel jb NR / MR, BC bytes apart, rows MR elements apart) and only A panels are packed.
   const bool b_in_a = ks.b_in_a;
   const auto padded = [&](int64_t kc) { return (kc + ks.kalign - 1) / ks.kalign * ks.kalign; };
   const int64_t pack_set_bytes = (tri.pa * MR + (b_in_a ? 0 : tri.pb * NR)) * padded(KC) * EB;
@@ -184,6 +271,19 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     const int64_t kc = std::min(KC, n - r0), kcp = padded(kc);
     char* base = pack_base + s * pack_set_bytes;
     const T* src = w + r0 * row_stride;
+    if (exact) {
+      // A panels only; a panel with extra columns takes the general pack.
+      const auto* bsrc = reinterpret_cast<const c10::BFloat16*>(src);
+      const int64_t col = p * MR, width = std::min(MR, dp - col);
+      char* dst = base + p * kcp * MR * EB;
+      if (col + width <= d)
+        ks.exact->pack(bsrc + col, row_stride, kc, plan.scale.data() + col, plan.shift.data() + col, width, MR, dst,
+                       plan.diag.data() + col);
+      else
+        ks.exact->pack_parts(bsrc, row_stride, kc, plan.cols.data() + col, plan.parts.data() + col,
+                             plan.scale.data(), plan.shift.data(), width, MR, dst, plan.diag.data());
+      return;
+    }
     if (pack_pair != nullptr) {
       const int64_t col = p * NR;
       pack_pair(src + col, row_stride, kc, mean32.data() + col, std::min(NR, d - col),
@@ -198,7 +298,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     pack(src + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, reinterpret_cast<float*>(dst));
   };
   constexpr int64_t PACK_CHUNK = 8;  // panels per grab
-  const int64_t npanels = pack_pair != nullptr ? tri.pb : tri.pa + (b_in_a ? 0 : tri.pb);
+  const int64_t npanels = pack_pair != nullptr && !exact ? tri.pb : tri.pa + (b_in_a ? 0 : tri.pb);
   const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
   auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
     for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p) pack_panel(r0, s, p);
@@ -233,7 +333,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
         begun = true;
         const WorkItem& it = items[i];
         for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
-          const char* b = b_in_a ? apack + ((jb * NR / MR) * kcp * MR + (jb * NR) % MR) * EB : bpack + jb * kcp * NR * EB;
+          const char* b = b_in_a ? apack + (jb * NR / MR) * kcp * MR * EB + ((jb * NR) % MR) * BC : bpack + jb * kcp * NR * EB;
           const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
           for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
             const char* a = apack + ia * kcp * MR * EB;
@@ -254,6 +354,35 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   }
 
   const double inv_n = 1.0 / static_cast<double>(n);
+  if (exact) {
+    // Entry (a, b) of the extended product, a <= b or not. The diagonal comes from the packs' fp64
+    // sums of squares (see syrk_avx512bf16.cpp).
+    const auto gram = [&](int64_t a, int64_t b) {
+      if (a > b) std::swap(a, b);
+      return acc[(tri.first_tile[b / NR] + a / MR) * TILE + (b % NR) * MR + a % MR];
+    };
+    at::parallel_for(0, d, 16, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t xj = plan.extra[j];
+        const double dj = plan.delta[j], uj = plan.unscale[j];
+        cov[j * d + j] = static_cast<float>((plan.diag[j] * inv_n - dj * dj) * uj * uj);
+        for (int64_t i = 0; i < j; ++i) {
+          const int64_t xi = plan.extra[i];
+          // Every partial product of the parts of columns i and j, in a fixed order.
+          double s = gram(i, j);
+          if (xj >= 0) s += gram(i, xj) + gram(i, xj + 1);
+          if (xi >= 0) {
+            s += gram(xi, j) + gram(xi + 1, j);
+            if (xj >= 0) s += gram(xi, xj) + gram(xi, xj + 1) + gram(xi + 1, xj) + gram(xi + 1, xj + 1);
+          }
+          const double v = (s * inv_n - plan.delta[i] * plan.delta[j]) * plan.unscale[i] * plan.unscale[j];
+          cov[i * d + j] = static_cast<float>(v);
+          cov[j * d + i] = static_cast<float>(v);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, tri.pb, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t jb = b0; jb < b1; ++jb) {
       for (int64_t ia = 0; ia < tri.rows(jb); ++ia) {

@@ -14,6 +14,32 @@
 
 namespace refframe::cpu {
 
+struct KernelSet;
+
+// A set that multiplies bf16 W in bf16 itself (exact products, see syrk_avx512bf16.cpp) has these
+// extra building blocks. Its packs hold pairs of rows: pair row q of a panel is one 32-bit word per
+// column, bf16 of row 2q in the low half and of row 2q + 1 in the high half.
+struct ExactBf16 {
+  // sum[j] += double(src[j]) (bitwise the other sets' accumulate_bf16), sq[j] += src[j]^2 in fp64,
+  // amax[j] = max(amax[j], |src[j]|), for j < d.
+  void (*moments)(const c10::BFloat16* src, int64_t d, double* sum, double* sq, float* amax);
+  // Column c < width of kc rows (zero rows up to an even count, zero columns up to panel):
+  // bf16(t) with t = float(src[c]) * scale[c] - shift[c] in fp32 (a product and a subtraction, each
+  // rounded to nearest), bf16 rounding to nearest even; sq[c] += the sum of t^2 over the rows, in
+  // fp64 in row order.
+  void (*pack)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* scale, const float* shift,
+               int64_t width, int64_t panel, void* dst, double* sq);
+  // The same for any columns: column c of the panel is part parts[c] (0, 1, 2: h, m, l of
+  // t = h + m + l, h = bf16(t), m = bf16(t - h), l = bf16(t - h - m)) of column cols[c] of the rows
+  // starting at row0; scale, shift and sq (added to for part-0 columns only) are indexed by that
+  // column. Part 0 gives pack's bits.
+  void (*pack_parts)(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
+                     const int32_t* parts, const float* scale, const float* shift, int64_t width, int64_t panel,
+                     void* dst, double* sq);
+  // The set that takes over when W is not bf16, or when too many of its columns would need parts.
+  const KernelSet& (*fallback)();
+};
+
 struct KernelSet {
   const char* name;
   // Micro-tile: mr rows (vector side) x nr columns (broadcast side) of the covariance.
@@ -61,6 +87,11 @@ struct KernelSet {
   // Called by each thread before its first micro call of a row block and after its last, or null.
   void (*thread_begin)() = nullptr;
   void (*thread_end)() = nullptr;
+  // With b_in_a: bytes from one column of an A panel row to the next (0: pack_bytes).
+  int64_t b_col_bytes = 0;
+  // Non-null for a set that multiplies bf16 values exactly (see ExactBf16); its fp32 members are
+  // then unused and its fallback's are taken.
+  const ExactBf16* exact = nullptr;
 };
 
 const KernelSet& portable_kernels();
@@ -71,6 +102,9 @@ const KernelSet& avx512_kernels();
 #ifdef REFFRAME_HAVE_AMX_TU
 const KernelSet& amx_kernels();
 bool amx_usable();  // the CPU has AMX-TILE and AMX-BF16 and this process may use them
+#endif
+#ifdef REFFRAME_HAVE_AVX512BF16_TU
+const KernelSet& avx512bf16_kernels();
 #endif
 
 // Rows of W done by the running CPU center_syrk call and its row count (both 0 when none runs), for
@@ -92,10 +126,11 @@ void request_cancel(uint64_t key);
 void clear_cancel(uint64_t key);
 bool cancel_requested(uint64_t key);
 
-// The set used by center_syrk: AMX when the CPU has AVX-512 and usable AMX-BF16 tiles, else AVX-512
-// when it has AVX-512 F/BW/VL/DQ, else AVX2 when it has AVX2+FMA+F16C, else portable. The
-// environment variable REFFRAME_CPU_KERNEL=portable|avx2|avx512|amx asks for one set (used by the
-// tests to compare them); a set this CPU cannot run is not taken, the best one below it is.
+// The set used by center_syrk: AMX when the CPU has AVX-512 and usable AMX-BF16 tiles, else
+// avx512bf16 when it has AVX-512 F/BW/VL/DQ and AVX512_BF16, else AVX-512 when it has AVX-512
+// F/BW/VL/DQ, else AVX2 when it has AVX2+FMA+F16C, else portable. The environment variable
+// REFFRAME_CPU_KERNEL=portable|avx2|avx512|avx512bf16|amx asks for one set (used by the tests to
+// compare them); a set this CPU cannot run is not taken, the best one below it is.
 const KernelSet& active_kernels();
 
 }  // namespace refframe::cpu

@@ -62,7 +62,11 @@ const KernelSet& active_kernels() {
                                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                                  __builtin_cpu_supports("avx512dq");
 #ifdef REFFRAME_HAVE_AMX_TU
-  if (has_avx512 && !asked("avx2") && !asked("avx512") && amx_usable()) return amx_kernels();
+  if (has_avx512 && !asked("avx2") && !asked("avx512") && !asked("avx512bf16") && amx_usable()) return amx_kernels();
+#endif
+#ifdef REFFRAME_HAVE_AVX512BF16_TU
+  static const bool has_avx512bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
+  if (has_avx512bf16 && !asked("avx2") && !asked("avx512")) return avx512bf16_kernels();
 #endif
   if (has_avx512 && !asked("avx2")) return avx512_kernels();
   if (has_avx2) return avx2_kernels();

@@ -1,0 +1,249 @@
+// AVX512_BF16 building blocks of center_syrk, for bf16 W (AMD Zen 4 and later, Intel Cooper Lake and
+// later). Only this file is compiled with -mavx512bf16; it is used only after a run-time CPU check.
+//
+// The product of two bf16 numbers is exact in fp32, and vdpbf16ps adds two such products into each
+// fp32 lane per instruction: twice the multiply-adds per cycle of an fp32 FMA. bf16 W can be
+// multiplied this way without losing anything, as long as the numbers multiplied are still bf16:
+//  - each column j is scaled by a power of two, 2^-e_j, from its largest |x| (exact; products then
+//    neither underflow nor overflow);
+//  - a column whose mean is small against its spread (|mean| <= sd) is not centred: its values stay
+//    bf16, and the mean is taken out in fp64 at the end. Its fp32 sums are then at most about
+//    sqrt(1 + mean^2 / sd^2) <= 1.41 times as large as centred ones, and so is their rounding;
+//  - a column whose mean is large is centred in fp32 (t = x 2^-e - fp32(mean 2^-e), the rounding of
+//    the fp32 sets) and t is split into three bf16 parts, t = h + m + l; h stays in the column, m and
+//    l become two extra columns of the matrix multiplied, so the extended product holds every
+//    partial product h h', h m', ..., l l' and the driver adds them in fp64.
+// The diagonal is not taken from the products: the squares of bf16 numbers have biased low bits
+// (squares modulo 2^k take only some values), so their fp32 sums round low, by about 1.5e-7 of the
+// sum for runs of 128 rows. The packs add t^2 in fp64 instead, as they convert.
+// The driver (center_syrk.cpp) takes the fp32 avx512 set instead when W is not bf16, or when more
+// than an eighth of the columns would need parts (the extra columns would cost more than the
+// doubled rate gains).
+//
+// The fp32 sums of RUN rows are added into fp64 as in the other sets, so the result is bitwise the
+// same for any thread count; it is not the fp32 sets' bits (different products, different sums).
+// Note that vdpbf16ps treats bf16 subnormal inputs and fp32 subnormal results as zero; after the
+// scaling those are below 2^-126 of a column's largest value.
+//
+// Micro-tile: 48 x 8 like the avx512 set, B read from the A panels; per pair of rows 3 loads and 8
+// broadcasts of 32-bit pairs feed 24 vdpbf16ps.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "syrk_kernel.h"
+
+namespace refframe::cpu {
+namespace {
+
+constexpr int64_t MRB = 48;
+constexpr int64_t NRB = 8;
+
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Round fp32 to the nearest bf16 (ties to even), kept as fp32 bits whose low 16 bits are zero.
+// Inputs are finite (the driver checks).
+inline __m512i round_bf16(__m512i u) {
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
+inline __m512 transform(__m512 x, __m512 scale, __m512 shift) { return _mm512_sub_ps(_mm512_mul_ps(x, scale), shift); }
+
+// The 32-bit pair words of rows (even, odd), both as rounded fp32 bits.
+inline __m512i pair(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
+
+void moments_bf16(const c10::BFloat16* src, int64_t d, double* sum, double* sq, float* amax) {
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m512 x = load_bf16(src + j, 0xFFFF);
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    _mm512_storeu_pd(sum + j, _mm512_add_pd(_mm512_loadu_pd(sum + j), lo));
+    _mm512_storeu_pd(sum + j + 8, _mm512_add_pd(_mm512_loadu_pd(sum + j + 8), hi));
+    _mm512_storeu_pd(sq + j, _mm512_fmadd_pd(lo, lo, _mm512_loadu_pd(sq + j)));
+    _mm512_storeu_pd(sq + j + 8, _mm512_fmadd_pd(hi, hi, _mm512_loadu_pd(sq + j + 8)));
+    _mm512_storeu_ps(amax + j, _mm512_max_ps(_mm512_loadu_ps(amax + j), _mm512_abs_ps(x)));
+  }
+  for (; j < d; ++j) {
+    const double x = static_cast<double>(static_cast<float>(src[j]));
+    sum[j] += x;
+    sq[j] = __builtin_fma(x, x, sq[j]);
+    const float a = x < 0 ? static_cast<float>(-x) : static_cast<float>(x);
+    if (a > amax[j]) amax[j] = a;
+  }
+}
+
+// sq[c] += t^2 in fp64 over the rows, for the lanes of in.
+inline void add_squares(__m512 t, __m512d& lo, __m512d& hi) {
+  const __m512d a = _mm512_cvtps_pd(_mm512_castps512_ps256(t));
+  const __m512d b = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+  lo = _mm512_fmadd_pd(a, a, lo);
+  hi = _mm512_fmadd_pd(b, b, hi);
+}
+
+void pack_bf16(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* scale, const float* shift,
+               int64_t width, int64_t panel, void* dst_v, double* sq) {
+  auto* dst = static_cast<uint32_t*>(dst_v);
+  for (int64_t g = 0; g < panel; g += 16) {
+    const __mmask16 in = lanes(width - g), out = lanes(panel - g);
+    const __m512 sc = _mm512_maskz_loadu_ps(in, scale + g), sh = _mm512_maskz_loadu_ps(in, shift + g);
+    const c10::BFloat16* s = src + g;
+    uint32_t* o = dst + g;
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    int64_t k = 0;
+    for (; k + 1 < kc; k += 2, s += 2 * stride, o += panel) {
+      const __m512 t0 = transform(load_bf16(s, in), sc, sh), t1 = transform(load_bf16(s + stride, in), sc, sh);
+      add_squares(t0, lo, hi);
+      add_squares(t1, lo, hi);
+      _mm512_mask_storeu_epi32(o, out, pair(round_bf16(_mm512_castps_si512(t0)), round_bf16(_mm512_castps_si512(t1))));
+    }
+    if (k < kc) {
+      const __m512 t0 = transform(load_bf16(s, in), sc, sh);
+      add_squares(t0, lo, hi);
+      _mm512_mask_storeu_epi32(o, out, pair(round_bf16(_mm512_castps_si512(t0)), _mm512_setzero_si512()));
+    }
+    const __mmask8 in_lo = static_cast<__mmask8>(in & 0xFF), in_hi = static_cast<__mmask8>(in >> 8);
+    _mm512_mask_storeu_pd(sq + g, in_lo, _mm512_add_pd(_mm512_maskz_loadu_pd(in_lo, sq + g), lo));
+    _mm512_mask_storeu_pd(sq + g + 8, in_hi, _mm512_add_pd(_mm512_maskz_loadu_pd(in_hi, sq + g + 8), hi));
+  }
+}
+
+// Part parts[c] of each lane's t, t as in pack_bf16.
+inline __m512i part_of(__m512 t, __m512i parts) {
+  const __m512i h = round_bf16(_mm512_castps_si512(t));
+  const __m512 r1 = _mm512_sub_ps(t, _mm512_castsi512_ps(h));
+  const __m512i m = round_bf16(_mm512_castps_si512(r1));
+  const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(m));
+  const __m512i l = round_bf16(_mm512_castps_si512(r2));
+  const __mmask16 is_m = _mm512_cmpeq_epi32_mask(parts, _mm512_set1_epi32(1));
+  const __mmask16 is_l = _mm512_cmpeq_epi32_mask(parts, _mm512_set1_epi32(2));
+  return _mm512_mask_blend_epi32(is_l, _mm512_mask_blend_epi32(is_m, h, m), l);
+}
+
+void pack_parts_bf16(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
+                     const int32_t* parts, const float* scale, const float* shift, int64_t width, int64_t panel,
+                     void* dst_v, double* sq) {
+  auto* dst = static_cast<uint32_t*>(dst_v);
+  const auto* base = reinterpret_cast<const uint16_t*>(row0);
+  for (int64_t g = 0; g < panel; g += 16) {
+    const __mmask16 in = lanes(width - g), out = lanes(panel - g);
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, width - g));
+    alignas(64) float sc_a[16] = {}, sh_a[16] = {};
+    alignas(64) int32_t ix[16] = {};
+    for (int64_t c = 0; c < n; ++c) {
+      ix[c] = cols[g + c];
+      sc_a[c] = scale[ix[c]];
+      sh_a[c] = shift[ix[c]];
+    }
+    const __m512 sc = _mm512_load_ps(sc_a), sh = _mm512_load_ps(sh_a);
+    const __m512i pt = _mm512_maskz_loadu_epi32(in, parts + g);
+    uint32_t* o = dst + g;
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    for (int64_t k = 0; k < kc; k += 2, o += panel) {
+      __m512i w[2];
+      for (int e = 0; e < 2; ++e) {
+        if (k + e >= kc) {
+          w[e] = _mm512_setzero_si512();
+          continue;
+        }
+        alignas(64) uint32_t raw[16];
+        const uint16_t* r = base + (k + e) * stride;
+        for (int64_t c = 0; c < 16; ++c) raw[c] = c < n ? static_cast<uint32_t>(r[ix[c]]) << 16 : 0u;
+        const __m512 t = transform(_mm512_castsi512_ps(_mm512_load_si512(raw)), sc, sh);
+        add_squares(t, lo, hi);
+        w[e] = part_of(t, pt);
+      }
+      _mm512_mask_storeu_epi32(o, out, pair(w[0], w[1]));
+    }
+    alignas(64) double q[16];
+    _mm512_store_pd(q, lo);
+    _mm512_store_pd(q + 8, hi);
+    for (int64_t c = 0; c < n; ++c)
+      if (parts[g + c] == 0) sq[ix[c]] += q[c];
+  }
+}
+
+inline void add16_f64(double* acc, __m512 x) {
+  const __m256 lo = _mm512_castps512_ps256(x);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(lo)));
+  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(hi)));
+}
+
+inline __m512bh as_bh(__m512i x) {
+  __m512bh r;
+  std::memcpy(&r, &x, sizeof r);
+  return r;
+}
+
+// c[col * 48 + row] += double(fp32 sum over the kc rows (pairs of rows, the last one zero-padded) of
+// the products); a and b are pair words, B rows 48 words apart. pf as in the other sets.
+void micro_bf16(int64_t kc, const float* a_f, const float* b_f, double* c, const double* pf) {
+  const auto* a = reinterpret_cast<const __m512i*>(a_f);
+  const auto* b = reinterpret_cast<const int32_t*>(b_f);
+  __m512 c0[NRB], c1[NRB], c2[NRB];
+#pragma GCC unroll 8
+  for (int j = 0; j < NRB; ++j) c0[j] = c1[j] = c2[j] = _mm512_setzero_ps();
+  const auto step = [&](int64_t q) __attribute__((always_inline)) {
+    const __m512bh a0 = as_bh(_mm512_load_si512(a + 3 * q)), a1 = as_bh(_mm512_load_si512(a + 3 * q + 1));
+    const __m512bh a2 = as_bh(_mm512_load_si512(a + 3 * q + 2));
+#pragma GCC unroll 8
+    for (int j = 0; j < NRB; ++j) {
+      const __m512bh bv = as_bh(_mm512_set1_epi32(b[q * MRB + j]));
+      c0[j] = _mm512_dpbf16_ps(c0[j], a0, bv);
+      c1[j] = _mm512_dpbf16_ps(c1[j], a1, bv);
+      c2[j] = _mm512_dpbf16_ps(c2[j], a2, bv);
+    }
+  };
+  const int64_t pairs = (kc + 1) / 2;
+  int64_t q = 0;
+  if (pf != nullptr) {
+    constexpr int64_t lines = MRB * NRB / 8;
+    for (; q < pairs && q < lines; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + 8 * q), _MM_HINT_T0);
+      step(q);
+    }
+  }
+  for (; q < pairs; ++q) step(q);
+#pragma GCC unroll 8
+  for (int j = 0; j < NRB; ++j) {
+    add16_f64(c + j * MRB, c0[j]);
+    add16_f64(c + j * MRB + 16, c1[j]);
+    add16_f64(c + j * MRB + 32, c2[j]);
+  }
+}
+
+const ExactBf16 exact_ops{moments_bf16, pack_bf16, pack_parts_bf16, avx512_kernels};
+
+}  // namespace
+
+const KernelSet& avx512bf16_kernels() {
+  static const KernelSet set = [] {
+    KernelSet s = avx512_kernels();
+    s.name = "avx512bf16";
+    s.mr = MRB;
+    s.nr = NRB;
+    s.kc = 256;
+    s.b_in_a = true;
+    s.micro = micro_bf16;
+    s.run = 128;
+    s.kalign = 2;
+    s.pack_bytes = 2;
+    s.b_col_bytes = 4;
+    s.exact = &exact_ops;
+    return s;
+  }();
+  return set;
+}
+
+}  // namespace refframe::cpu
