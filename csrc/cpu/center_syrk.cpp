@@ -18,6 +18,14 @@
 // is bitwise identical for any thread count or timing, and across the portable, AVX2 and AVX-512
 // sets (the AMX set rounds in its own way: bitwise reproducible and within the same error, but not the
 // same bits).
+//
+// A set with exact bf16 products (avx512bf16, for bf16 W) changes three things: pass 1 also sums
+// squares and finds each column's largest |x|, from which a plan (plan_exact) scales every column
+// by a power of two and picks the columns to centre; pass 2 multiplies an extended matrix, W's
+// columns followed by two extra parts of each centred column, packed as bf16 row pairs; and the
+// covariance is assembled from the extended product's partial products, with the diagonal taken
+// from the packs' fp64 sums of squares. When the plan refuses (non-finite values, more than d / 8
+// columns to centre) or W is not bf16, the set's fallback (avx512) does everything.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

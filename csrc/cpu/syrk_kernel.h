@@ -3,7 +3,9 @@
 // The portable, AVX2 and AVX-512 kernel sets perform bit-for-bit the same arithmetic (exact
 // conversions, one IEEE subtraction, one fused multiply-add per product in the same order), so they
 // give identical covariances; only their speed (and tile shape) differs. The AMX set multiplies on
-// the tile units with split bf16 operands: as precise, but its own bits (see syrk_amx.cpp).
+// the tile units with split bf16 operands: as precise, but its own bits (see syrk_amx.cpp). The
+// avx512bf16 set multiplies bf16 W in bf16 itself, exactly, on an extended matrix (see
+// syrk_avx512bf16.cpp and ExactBf16): also its own bits.
 #pragma once
 
 #include <c10/util/BFloat16.h>
