@@ -20,8 +20,9 @@
 // than an eighth of the columns would need parts (the extra columns would cost more than the
 // doubled rate gains).
 //
-// The fp32 sums of RUN rows are added into fp64 as in the other sets, so the result is bitwise the
-// same for any thread count; it is not the fp32 sets' bits (different products, different sums).
+// The fp32 sums of 256 rows (128 vdpbf16ps) are added into fp64 as in the other sets, so the result
+// is bitwise the same for any thread count; it is not the fp32 sets' bits (different products,
+// different sums).
 // Note that vdpbf16ps treats bf16 subnormal inputs and fp32 subnormal results as zero; after the
 // scaling those are below 2^-126 of a column's largest value.
 //
@@ -236,7 +237,7 @@ const KernelSet& avx512bf16_kernels() {
     s.kc = 256;
     s.b_in_a = true;
     s.micro = micro_bf16;
-    s.run = 128;
+    s.run = 256;  // 5 % faster than 128 (fewer fp64 additions); error 2.5e-8 instead of 2.3e-8
     s.kalign = 2;
     s.pack_bytes = 2;
     s.b_col_bytes = 4;
