@@ -471,3 +471,49 @@ def test_an_abandoned_call_leaves_a_newer_calls_progress_alone():
     ops.cancel_covariance(new["key"])
     t_new.join()
     assert ops.covariance_progress() is None
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        n=st.integers(1, 1500),
+        d=st.integers(1, 130),
+        centred=st.integers(0, 130),
+        sigmas=st.sampled_from([1.5, 5.0, 50.0]),
+        log_scale=st.integers(-12, 12),
+        constant=st.booleans(),
+        dtype=st.sampled_from(DTYPES),
+        seed=st.integers(0, 2**16),
+    )
+    def test_center_syrk_random_plans(n, d, centred, sigmas, log_scale, constant, dtype, seed):
+        """Whatever the mix of columns near and far from zero (so whichever plan the exact bf16 set
+        makes, or its fallback), the magnitude, a constant column or the dtype: within the small-shape
+        bound of float64, with the best set this CPU has."""
+        W = make_w(n, d, torch.float64, seed=seed)
+        k = min(centred, d)
+        W[:, :k] += sigmas * 0.04
+        if constant:
+            W[:, d // 2] = 0.75
+        if dtype == torch.float16:  # finite and mostly normal in fp16 (largest 65504, smallest normal 6e-5)
+            log_scale = max(-2, min(2, log_scale))
+        W = (W * 10.0**log_scale).to(dtype)
+        mu64, c64 = cov64(W)
+        mean, cov = native_cov(W)
+        assert torch.equal(cov, cov.T)
+        assert float((mean - mu64).abs().max()) <= 1e-12 * max(1e-300, float(mu64.abs().max()))
+        if n == 1:
+            assert float(cov.abs().max()) == 0.0
+        else:
+            # Sums of few rows, or few entries, do not average their roundings: up to ~50 u there.
+            # So do many columns tens of sigma off zero: bf16 holds them as a few levels each, and
+            # fp32 sums of the same products repeated round with a bias (2-8e-7 with the fp32 sets,
+            # more with the pure-torch path); a few such columns stay within 1e-7 at full shape.
+            large = n >= 1000 and d >= 16 and (k <= 3 or sigmas < 10)
+            assert rel_fro(cov, c64) < (3e-7 if large else 3e-6)
