@@ -232,6 +232,21 @@ def test_bf16_set_centres_offset_columns_exactly(bf16_set, shape, centred):
     assert rel_fro(cov[:centred], c64[:centred]) < 1e-7
 
 
+def test_bf16_set_constant_columns_need_no_parts(bf16_set):
+    """Constant columns (padding, one-hot features) are centred exactly to zero and need no parts,
+    so ten of them in 40 columns (more than d / 8) still take the exact path."""
+    W = make_w(1500, 40, torch.float64)
+    W[:, 5:15] = 0.375
+    W[:, 20] += 2.0  # and one column far from zero, which does need parts
+    W = W.to(torch.bfloat16)
+    _, c64 = cov64(W)
+    mean, cov = native_cov(W)
+    assert not torch.equal(cov, bf16_set("avx512", W)[1])  # the exact path ran
+    assert rel_fro(cov, c64) < 1e-7
+    assert float(cov[5:15].abs().max()) == 0.0 and float(cov[:, 5:15].abs().max()) == 0.0
+    assert torch.all(mean[5:15] == 0.375)
+
+
 def test_bf16_set_diagonal_is_unbiased(bf16_set):
     """Squares of bf16 numbers have biased low bits, so fp32 sums of them round low (by ~1.5e-7 of
     the sum at 128 rows a run); the set takes the diagonal from fp64 sums of squares instead."""
@@ -258,7 +273,7 @@ def test_bf16_set_any_magnitude(bf16_set, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bf16_set_falls_back_to_avx512(bf16_set, dtype):
-    """fp16 and fp32 W, and bf16 W with more than d / 8 columns to centre (here every column sits
+    """fp16 and fp32 W, and bf16 W with more than d / 8 columns to split (here every column sits
     far from zero), are done by the avx512 set: its bits exactly."""
     W = make_w(700, 80, torch.float64) + 5.0
     W = W.to(dtype)

@@ -25,7 +25,7 @@
 // columns followed by two extra parts of each centred column, packed as bf16 row pairs; and the
 // covariance is assembled from the extended product's partial products, with the diagonal taken
 // from the packs' fp64 sums of squares. When the plan refuses (non-finite values, more than d / 8
-// columns to centre) or W is not bf16, the set's fallback (avx512) does everything.
+// columns to split) or W is not bf16, the set's fallback (avx512) does everything.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -179,16 +179,19 @@ void column_moments(const c10::BFloat16* w, int64_t n, int64_t d, int64_t row_st
 }
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
-// more than d / 8 columns to centre (their parts would cost more than the faster products gain).
-// A column is centred when |mean| > its standard deviation.
+// more than d / 8 columns to split into parts (their parts would cost more than the faster products gain).
+// A column is centred when |mean| > its standard deviation. A constant column is centred without
+// parts: its mean is its value (an exact fp64 sum divided by N), so t is 0 and costs nothing.
 bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, ExactPlan& p) {
-  std::vector<char> centre(d, 0);
+  std::vector<char> centre(d, 0), split(d, 0);
   int64_t centred = 0;
   for (int64_t j = 0; j < d; ++j) {
     if (!std::isfinite(mean[j]) || !std::isfinite(sq[j])) return false;
     const double var = sq[j] / static_cast<double>(n) - mean[j] * mean[j];
     centre[j] = mean[j] != 0.0 && mean[j] * mean[j] > var;
-    centred += centre[j];
+    // Every |x| <= amax, so a mean of +-amax means every x equals it.
+    split[j] = centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j]);
+    centred += split[j];
   }
   if (8 * centred > d) return false;
   p.dp = d + 2 * centred;
@@ -212,7 +215,7 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
     p.shift[j] = centre[j] ? static_cast<float>(m) : 0.0f;
     p.delta[j] = m - static_cast<double>(p.shift[j]);
     p.cols[j] = static_cast<int32_t>(j);
-    if (centre[j]) {
+    if (split[j]) {
       p.extra[j] = static_cast<int32_t>(next);
       for (int q = 1; q <= 2; ++q, ++next) {
         p.cols[next] = static_cast<int32_t>(j);

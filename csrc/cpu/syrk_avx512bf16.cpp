@@ -98,18 +98,18 @@ void pack_bf16(const c10::BFloat16* src, int64_t stride, int64_t kc, const float
   for (int64_t g = 0; g < panel; g += 16) {
     const __mmask16 in = lanes(width - g), out = lanes(panel - g);
     const __m512 sc = _mm512_maskz_loadu_ps(in, scale + g), sh = _mm512_maskz_loadu_ps(in, shift + g);
-    const c10::BFloat16* s = src + g;
     uint32_t* o = dst + g;
     __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
     int64_t k = 0;
-    for (; k + 1 < kc; k += 2, s += 2 * stride, o += panel) {
+    for (; k + 1 < kc; k += 2, o += panel) {
+      const c10::BFloat16* s = src + g + k * stride;
       const __m512 t0 = transform(load_bf16(s, in), sc, sh), t1 = transform(load_bf16(s + stride, in), sc, sh);
       add_squares(t0, lo, hi);
       add_squares(t1, lo, hi);
       _mm512_mask_storeu_epi32(o, out, pair(round_bf16(_mm512_castps_si512(t0)), round_bf16(_mm512_castps_si512(t1))));
     }
     if (k < kc) {
-      const __m512 t0 = transform(load_bf16(s, in), sc, sh);
+      const __m512 t0 = transform(load_bf16(src + g + k * stride, in), sc, sh);
       add_squares(t0, lo, hi);
       _mm512_mask_storeu_epi32(o, out, pair(round_bf16(_mm512_castps_si512(t0)), _mm512_setzero_si512()));
     }
