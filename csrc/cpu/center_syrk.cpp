@@ -179,8 +179,8 @@ void column_moments(const c10::BFloat16* w, int64_t n, int64_t d, int64_t row_st
 }
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
-// more than d / 8 columns to split into parts (their parts would cost more than the faster products gain).
-// A column is centred when |mean| > its standard deviation. A constant column is centred without
+// more than d / 8 columns to split into parts (those would cost more than the faster products
+// gain). A column is centred when |mean| > its standard deviation. A constant column is centred without
 // parts: its mean is its value (an exact fp64 sum divided by N), so t is 0 and costs nothing.
 bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, ExactPlan& p) {
   std::vector<char> centre(d, 0), split(d, 0);
