@@ -27,6 +27,13 @@ PyObject* covariance_progress(PyObject*, PyObject*) {
   return Py_BuildValue("(LL)", static_cast<long long>(p.done.load()), static_cast<long long>(p.total.load()));
 }
 
+PyObject* last_cpu_covariance(PyObject*, PyObject*) {
+  auto& last = refframe::cpu::last_covariance();
+  const char* set = last.set.load();
+  if (set == nullptr) Py_RETURN_NONE;
+  return Py_BuildValue("(sL)", set, static_cast<long long>(last.columns.load()));
+}
+
 PyObject* thread_key(PyObject*, PyObject*) {
   return PyLong_FromUnsignedLongLong(refframe::cpu::thread_key());
 }
@@ -49,6 +56,10 @@ PyMethodDef methods[] = {
     {"cpu_kernel", cpu_kernel, METH_NOARGS, "Name of the CPU micro-kernel set chosen at run time."},
     {"covariance_progress", covariance_progress, METH_NOARGS,
      "(rows done, rows in all) of the running CPU center_syrk call; (0, 0) when none runs."},
+    {"last_cpu_covariance", last_cpu_covariance, METH_NOARGS,
+     "(kernel set, columns multiplied) of the last CPU center_syrk call, or None before any: the set "
+     "that really ran (avx512bf16 hands fp16/fp32 W, and W with many columns to split, to avx512) "
+     "and d, or more when avx512bf16 split columns far from zero into parts."},
     {"thread_key", thread_key, METH_NOARGS, "Key of the calling thread for cancel_covariance."},
     {"cancel_covariance", cancel_covariance, METH_O,
      "cancel_covariance(key): stop the CPU center_syrk call of that thread at its next row block "

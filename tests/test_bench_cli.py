@@ -32,8 +32,12 @@ def test_bench_small_json(capsys):
     assert _positive(numpy_row["median"]) and numpy_row["copy_seconds"] >= 0
     if "native" in r["stages"]["covariance"]:
         assert _positive(r["speedup"]["covariance"]) and _positive(numpy_row["paired_ratio_median"])
+        ran = r["machine"]["cpu_covariance"]
+        assert ran["kernel_set"] in r["machine"]["native"] and ran["columns_multiplied"] >= 512
     table = bench.format_table(r)
     assert "covariance" in table and "numpy Xc.T @ Xc" in table and "peak RSS" in table
+    if "native" in r["stages"]["covariance"]:
+        assert f"the covariance ran kernel set {r['machine']['cpu_covariance']['kernel_set']} on" in table
 
 
 def test_bench_repeated_small_json(capsys):

@@ -247,6 +247,27 @@ def test_bf16_set_constant_columns_need_no_parts(bf16_set):
     assert torch.all(mean[5:15] == 0.375)
 
 
+def test_last_cpu_covariance_names_the_set_that_ran(bf16_set):
+    import refframe
+
+    W = make_w(600, 100, torch.float64)
+    W[:, :3] += 2.0
+    refframe.covariance(W.to(torch.bfloat16), backend="native")
+    assert refframe.last_cpu_covariance() == ("avx512bf16", 106)  # three columns split: two parts each
+    refframe.covariance(W.to(torch.float16), backend="native")
+    assert refframe.last_cpu_covariance() == ("avx512", 100)
+
+
+def test_last_cpu_covariance_any_cpu():
+    import refframe
+    from refframe import _C
+
+    refframe.covariance(make_w(50, 9, torch.bfloat16), backend="native")
+    name, columns = refframe.last_cpu_covariance()
+    assert name in KERNEL_SETS and columns >= 9
+    assert name == _C.cpu_kernel() or (_C.cpu_kernel() == "avx512bf16" and name == "avx512")
+
+
 def test_bf16_set_diagonal_is_unbiased(bf16_set):
     """Squares of bf16 numbers have biased low bits, so fp32 sums of them round low (by ~1.5e-7 of
     the sum at 128 rows a run); the set takes the diagonal from fp64 sums of squares instead."""

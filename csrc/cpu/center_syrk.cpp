@@ -246,6 +246,8 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const auto pack_pair = Typed<T>::pack_pair(ks);
   if (chosen.exact == nullptr || !std::is_same_v<T, c10::BFloat16>) column_mean(w, n, d, row_stride, ks, mean64);
   const int64_t dp = exact ? plan.dp : d;  // columns of the matrix multiplied
+  last_covariance().set.store(ks.name);
+  last_covariance().columns.store(dp);
 
   // A kernel set's own constants: blocks made of whole runs (the results must not depend on the
   // block length), runs made of whole pack rows, and B panels that lie inside one A panel when they
@@ -452,6 +454,11 @@ std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
 CovarianceProgress& covariance_progress() {
   static CovarianceProgress progress;
   return progress;
+}
+
+LastCovariance& last_covariance() {
+  static LastCovariance last;
+  return last;
 }
 
 namespace {

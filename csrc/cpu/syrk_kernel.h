@@ -119,6 +119,15 @@ struct CovarianceProgress {
 };
 CovarianceProgress& covariance_progress();
 
+// What the last CPU center_syrk call that got as far as multiplying ran: its kernel set (a set with
+// exact bf16 products can hand W to its fallback) and the number of columns it multiplied (d, or
+// more with split columns). Null and 0 before the first call.
+struct LastCovariance {
+  std::atomic<const char*> set{nullptr};
+  std::atomic<int64_t> columns{0};
+};
+LastCovariance& last_covariance();
+
 // Cancellation, per calling thread: request_cancel(key) stops the center_syrk call running in the
 // thread whose thread_key() is key at its next row block (it throws "center_syrk: cancelled"), or
 // the next call that thread starts; clear_cancel(key) withdraws the request. So an interrupted

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editor
     from .frame import Frame, VarianceReport, build_frame, pca
     from .framefile import load_frame, save_frame
     from .multi import build_frame_cached, build_frames, save_frames
-    from .ops import covariance, gather_mean, native_available, native_status, segment_mean
+    from .ops import covariance, gather_mean, last_cpu_covariance, native_available, native_status, segment_mean
     from .verify import VerifyResult, verify_frame
 
 # The rest of the API loads torch, so it is imported on first use: `import refframe` (and the
@@ -46,6 +46,7 @@ _LAZY = {
     "save_frames": "multi",
     "covariance": "ops",
     "gather_mean": "ops",
+    "last_cpu_covariance": "ops",
     "native_available": "ops",
     "native_status": "ops",
     "segment_mean": "ops",
@@ -93,6 +94,7 @@ __all__ = [
     "verify_frame",
     "covariance",
     "gather_mean",
+    "last_cpu_covariance",
     "native_available",
     "native_status",
     "segment_mean",

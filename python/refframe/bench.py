@@ -141,6 +141,9 @@ def run(spec: SyntheticSpec, reps: int, log: Callable[[str], None]) -> dict[str,
     Xc = None
     stages["covariance"] = cov_times
     _, cov = ops.covariance(W, backend=backends[0])
+    last = ops.last_cpu_covariance()
+    if have_native and last is not None:
+        results["machine"]["cpu_covariance"] = {"kernel_set": last[0], "columns_multiplied": last[1]}
     log("Timing eigh, centroid and the whole build ...")
     stages["eigh"] = time_alternating({"torch": lambda: torch.linalg.eigh(cov)}, reps)
     stages["centroid"] = time_alternating(
@@ -250,7 +253,13 @@ def format_table(r: dict) -> str:
         f"refframe bench: W {n:,} x {d:,} {r['dtype']}, cluster {r['cluster_size']:,}, {r['reps']} reps, "
         f"medians (spread)",
         f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, commit {m['commit']}",
-        f"path: {m['native']}",
+        f"path: {m['native']}"
+        + (
+            f"; the covariance ran kernel set {m['cpu_covariance']['kernel_set']} on "
+            f"{m['cpu_covariance']['columns_multiplied']:,} columns"
+            if "cpu_covariance" in m
+            else ""
+        ),
         "",
         f"{'stage':<14}{'native':>18}{'torch':>18}{'speedup':>10}",
     ]

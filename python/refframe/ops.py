@@ -71,6 +71,16 @@ def native_status() -> str:
     return f"native {cuda} kernels (cpu kernel: {_C.cpu_kernel()}), torch {torch.__version__}"
 
 
+def last_cpu_covariance() -> tuple[str, int] | None:
+    """(kernel set, columns multiplied) of the last native CPU covariance in this process, or None
+    before any (or without the native library). The set is the one that really ran: avx512bf16 hands
+    fp16/fp32 W, non-finite W and W with more than d / 8 columns to split to avx512; the columns are
+    d, plus two per column that avx512bf16 split into parts."""
+    if _C is None:
+        return None
+    return _C.last_cpu_covariance()
+
+
 def native_supports(device: torch.device) -> bool:
     """True when the native kernels can run on tensors of this device (on a GPU: and passed their
     self-check there, see native_self_check)."""
