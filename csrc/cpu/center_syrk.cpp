@@ -374,8 +374,12 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
       if (a > b) std::swap(a, b);
       return acc[(tri.first_tile[b / NR] + a / MR) * TILE + (b % NR) * MR + a % MR];
     };
-    at::parallel_for(0, d, 16, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
+    // Column j has j entries above the diagonal: columns p and d - 1 - p go together, so every
+    // chunk of pairs has the same work.
+    at::parallel_for(0, (d + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
+      for (int64_t q = 2 * p0; q < 2 * p1; ++q) {
+        const int64_t j = q % 2 == 0 ? q / 2 : d - 1 - q / 2;
+        if (q % 2 == 1 && j == q / 2) continue;  // the middle column of an odd d, done once
         const int64_t xj = plan.extra[j];
         const double dj = plan.delta[j], uj = plan.unscale[j];
         cov[j * d + j] = static_cast<float>((plan.diag[j] * inv_n - dj * dj) * uj * uj);
