@@ -118,15 +118,24 @@ struct Typed<float> {
   static auto accumulate(const KernelSet& k) { return k.accumulate_f32; }
 };
 
-// Column sums in fp64, columns split across threads; each column is summed in row order.
-template <typename T>
-void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean) {
-  const auto accumulate = Typed<T>::accumulate(ks);
+// Pass 1: column sums in fp64, columns split across threads in groups of 64; add(r, j0, j1) adds
+// row r's columns [j0, j1) into mean (and whatever else the caller sums), each column in row order.
+// mean ends as the sums over n.
+template <typename Add>
+void column_pass(int64_t n, int64_t d, double* mean, const Add& add) {
   at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
     const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
     std::fill(mean + j0, mean + j1, 0.0);
-    for (int64_t r = 0; r < n; ++r) accumulate(w + r * row_stride + j0, j1 - j0, mean + j0);
+    for (int64_t r = 0; r < n; ++r) add(r, j0, j1);
     for (int64_t j = j0; j < j1; ++j) mean[j] /= static_cast<double>(n);
+  });
+}
+
+template <typename T>
+void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean) {
+  const auto accumulate = Typed<T>::accumulate(ks);
+  column_pass(n, d, mean, [&](int64_t r, int64_t j0, int64_t j1) {
+    accumulate(w + r * row_stride + j0, j1 - j0, mean + j0);
   });
 }
 
@@ -163,20 +172,6 @@ struct ExactPlan {
   std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
   std::vector<double> diag;            // sum of t^2 over the rows, filled by the packs
 };
-
-// Column statistics in one pass, columns split across threads, rows in order: the mean (the same
-// bits as column_mean), the sum of squares and the largest |x|.
-void column_moments(const c10::BFloat16* w, int64_t n, int64_t d, int64_t row_stride, const ExactBf16& ops,
-                    double* mean, double* sq, float* amax) {
-  at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
-    const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
-    std::fill(mean + j0, mean + j1, 0.0);
-    std::fill(sq + j0, sq + j1, 0.0);
-    std::fill(amax + j0, amax + j1, 0.0f);
-    for (int64_t r = 0; r < n; ++r) ops.moments(w + r * row_stride + j0, j1 - j0, mean + j0, sq + j0, amax + j0);
-    for (int64_t j = j0; j < j1; ++j) mean[j] /= static_cast<double>(n);
-  });
-}
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
 // more than d / 8 columns to split into parts (those would cost more than the faster products
@@ -232,19 +227,23 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const uint64_t caller = thread_key();
   const KernelSet& chosen = active_kernels();
   // A set with exact bf16 products runs on bf16 W whose plan allows it; otherwise its fallback does.
+  // Its pass 1 also sums squares and finds each column's largest |x| (the mean gets the same bits).
+  const bool try_exact = chosen.exact != nullptr && std::is_same_v<T, c10::BFloat16>;
   ExactPlan plan;
   bool exact = false;
-  if (chosen.exact != nullptr && std::is_same_v<T, c10::BFloat16>) {
-    std::vector<double> sq(d);
-    std::vector<float> amax(d);
-    column_moments(reinterpret_cast<const c10::BFloat16*>(w), n, d, row_stride, *chosen.exact, mean64, sq.data(),
-                   amax.data());
+  if (try_exact) {
+    const auto* wb = reinterpret_cast<const c10::BFloat16*>(w);
+    std::vector<double> sq(d, 0.0);
+    std::vector<float> amax(d, 0.0f);
+    column_pass(n, d, mean64, [&](int64_t r, int64_t j0, int64_t j1) {
+      chosen.exact->moments(wb + r * row_stride + j0, j1 - j0, mean64 + j0, sq.data() + j0, amax.data() + j0);
+    });
     exact = plan_exact(mean64, sq.data(), amax.data(), n, d, plan);
   }
   const KernelSet& ks = exact ? chosen : chosen.exact != nullptr ? chosen.exact->fallback() : chosen;
   const auto pack = Typed<T>::pack(ks);
   const auto pack_pair = Typed<T>::pack_pair(ks);
-  if (chosen.exact == nullptr || !std::is_same_v<T, c10::BFloat16>) column_mean(w, n, d, row_stride, ks, mean64);
+  if (!try_exact) column_mean(w, n, d, row_stride, ks, mean64);
   const int64_t dp = exact ? plan.dp : d;  // columns of the matrix multiplied
   last_covariance().set.store(ks.name);
   last_covariance().columns.store(dp);
@@ -311,7 +310,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     pack(src + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, reinterpret_cast<float*>(dst));
   };
   constexpr int64_t PACK_CHUNK = 8;  // panels per grab
-  const int64_t npanels = pack_pair != nullptr && !exact ? tri.pb : tri.pa + (b_in_a ? 0 : tri.pb);
+  const int64_t npanels = pack_pair != nullptr ? tri.pb : tri.pa + (b_in_a ? 0 : tri.pb);
   const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
   auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
     for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p) pack_panel(r0, s, p);

@@ -28,6 +28,7 @@
 #include <unistd.h>
 #endif
 
+#include "syrk_avx512_common.h"
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
@@ -39,16 +40,9 @@ constexpr int64_t KQ = 32;     // rows of W per tile product
 constexpr int64_t TILE_BYTES = 1024;
 constexpr int64_t PARTS = 3;
 
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
 struct LoadBF16 {
   using T = c10::BFloat16;
-  static __m512 load(const T* p, __mmask16 m) {
-    const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
+  static __m512 load(const T* p, __mmask16 m) { return load_bf16(p, m); }
 };
 struct LoadF16 {
   using T = c10::Half;
@@ -58,26 +52,6 @@ struct LoadF32 {
   using T = float;
   static __m512 load(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 };
-
-// Round fp32 to the nearest bf16 (ties to even), kept as fp32 bits whose low 16 bits are zero.
-inline __m512i round_bf16(__m512i u) {
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-}
-
-// x = h + m + l; each part is returned as fp32 bits with zero low halves. Both subtractions are
-// exact (each remainder is at most half an ulp of the part before it).
-inline void split3(__m512 x, __m512i& h, __m512i& m, __m512i& l) {
-  h = round_bf16(_mm512_castps_si512(x));
-  const __m512 r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
-  m = round_bf16(_mm512_castps_si512(r1));
-  const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(m));
-  l = round_bf16(_mm512_castps_si512(r2));
-}
-
-// The pair (row 2kk, row 2kk + 1) of 16 columns as the tile units' dwords: low half row 2kk.
-inline __m512i pair(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
 
 // Pair dwords of the 3 parts for up to 16 columns of rows k0 + 2kk, k0 + 2kk + 1 (kk < 16): rows at
 // or past kc, and columns at or past the width, are 0.

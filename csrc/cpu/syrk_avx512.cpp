@@ -3,6 +3,7 @@
 // AVX2 sets (syrk_kernel.h), on a 48 x 8 register tile whose B panels are read from the A panels.
 #include <immintrin.h>
 
+#include "syrk_avx512_common.h"
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
@@ -11,18 +12,11 @@ namespace {
 constexpr int64_t MR512 = 48;
 constexpr int64_t NR512 = 8;
 
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
 // Exact conversions to fp32 of up to 16 consecutive values; masked-off lanes are neither read nor
 // nonzero. bf16 -> fp32 is a 16-bit left shift of the bits.
 struct LoadBF16 {
   using T = c10::BFloat16;
-  static __m512 load(const T* p, __mmask16 m) {
-    const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
+  static __m512 load(const T* p, __mmask16 m) { return load_bf16(p, m); }
 };
 struct LoadF16 {
   using T = c10::Half;
@@ -56,13 +50,6 @@ void pack_avx512(const typename L::T* src, int64_t stride, int64_t kc, const flo
     for (int64_t k = 0; k < kc; ++k, s += stride, o += panel)
       _mm512_mask_storeu_ps(o, out, _mm512_sub_ps(L::load(s, in), m));
   }
-}
-
-inline void add16_f64(double* acc, __m512 x) {
-  const __m256 lo = _mm512_castps512_ps256(x);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
-  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(lo)));
-  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(hi)));
 }
 
 // 48x8 register tile: 24 zmm accumulators, 3 for the A column, 1 for the broadcast B value.

@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "syrk_avx512_common.h"
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
@@ -41,27 +42,7 @@ namespace {
 constexpr int64_t MRB = 48;
 constexpr int64_t NRB = 8;
 
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
-}
-
-inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// Round fp32 to the nearest bf16 (ties to even), kept as fp32 bits whose low 16 bits are zero.
-// Inputs are finite (the driver checks).
-inline __m512i round_bf16(__m512i u) {
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
-  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-}
-
 inline __m512 transform(__m512 x, __m512 scale, __m512 shift) { return _mm512_sub_ps(_mm512_mul_ps(x, scale), shift); }
-
-// The 32-bit pair words of rows (even, odd), both as rounded fp32 bits.
-inline __m512i pair(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
 
 void moments_bf16(const c10::BFloat16* src, int64_t d, double* sum, double* sq, float* amax) {
   int64_t j = 0;
@@ -121,11 +102,8 @@ void pack_bf16(const c10::BFloat16* src, int64_t stride, int64_t kc, const float
 
 // Part parts[c] of each lane's t, t as in pack_bf16.
 inline __m512i part_of(__m512 t, __m512i parts) {
-  const __m512i h = round_bf16(_mm512_castps_si512(t));
-  const __m512 r1 = _mm512_sub_ps(t, _mm512_castsi512_ps(h));
-  const __m512i m = round_bf16(_mm512_castps_si512(r1));
-  const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(m));
-  const __m512i l = round_bf16(_mm512_castps_si512(r2));
+  __m512i h, m, l;
+  split3(t, h, m, l);
   const __mmask16 is_m = _mm512_cmpeq_epi32_mask(parts, _mm512_set1_epi32(1));
   const __mmask16 is_l = _mm512_cmpeq_epi32_mask(parts, _mm512_set1_epi32(2));
   return _mm512_mask_blend_epi32(is_l, _mm512_mask_blend_epi32(is_m, h, m), l);
@@ -172,13 +150,6 @@ void pack_parts_bf16(const c10::BFloat16* row0, int64_t stride, int64_t kc, cons
     for (int64_t c = 0; c < n; ++c)
       if (parts[g + c] == 0) sq[ix[c]] += q[c];
   }
-}
-
-inline void add16_f64(double* acc, __m512 x) {
-  const __m256 lo = _mm512_castps512_ps256(x);
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
-  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), _mm512_cvtps_pd(lo)));
-  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), _mm512_cvtps_pd(hi)));
 }
 
 inline __m512bh as_bh(__m512i x) {
@@ -230,8 +201,15 @@ const ExactBf16 exact_ops{moments_bf16, pack_bf16, pack_parts_bf16, avx512_kerne
 
 const KernelSet& avx512bf16_kernels() {
   static const KernelSet set = [] {
-    KernelSet s = avx512_kernels();
+    KernelSet s = avx512_kernels();  // its block and work-item sizes
     s.name = "avx512bf16";
+    // No fp32 building blocks: W that is not bf16 goes to the fallback, which brings its own.
+    s.pack_bf16 = nullptr;
+    s.pack_f16 = nullptr;
+    s.pack_f32 = nullptr;
+    s.accumulate_bf16 = nullptr;
+    s.accumulate_f16 = nullptr;
+    s.accumulate_f32 = nullptr;
     s.mr = MRB;
     s.nr = NRB;
     s.kc = 256;

@@ -91,8 +91,8 @@ struct KernelSet {
   void (*thread_end)() = nullptr;
   // With b_in_a: bytes from one column of an A panel row to the next (0: pack_bytes).
   int64_t b_col_bytes = 0;
-  // Non-null for a set that multiplies bf16 values exactly (see ExactBf16); its fp32 members are
-  // then unused and its fallback's are taken.
+  // Non-null for a set that multiplies bf16 values exactly (see ExactBf16); its fp32 pack and
+  // accumulate members are then null, and its fallback's are taken.
   const ExactBf16* exact = nullptr;
 };
 
