@@ -24,7 +24,7 @@
 // by a power of two and picks the columns to centre; pass 2 multiplies an extended matrix, W's
 // columns followed by two extra parts of each centred column, packed as bf16 row pairs; and the
 // covariance is assembled from the extended product's partial products, with the diagonal taken
-// from the packs' fp64 sums of squares. When the plan refuses (non-finite values, more than d / 8
+// from fp64 sums of squares (pass 1's for uncentred columns, the packs' for centred ones). When the plan refuses (non-finite values, more than d / 8
 // columns to split) or W is not bf16, the set's fallback (avx512) does everything.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -118,15 +118,17 @@ struct Typed<float> {
   static auto accumulate(const KernelSet& k) { return k.accumulate_f32; }
 };
 
-// Pass 1: column sums in fp64, columns split across threads in groups of 64; add(r, j0, j1) adds
-// row r's columns [j0, j1) into mean (and whatever else the caller sums), each column in row order.
-// mean ends as the sums over n.
+// Pass 1: column sums in fp64, columns split across threads in groups of 64; add(r0, r1, j0, j1) adds
+// rows [r0, r1) of columns [j0, j1) into mean (and whatever else the caller sums), each column in row
+// order. Blocks of PASS1_ROWS rows keep the rows a thread reads in its L2 while it goes through
+// its columns. mean ends as the sums over n.
+constexpr int64_t PASS1_ROWS = 256;
 template <typename Add>
 void column_pass(int64_t n, int64_t d, double* mean, const Add& add) {
   at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
     const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
     std::fill(mean + j0, mean + j1, 0.0);
-    for (int64_t r = 0; r < n; ++r) add(r, j0, j1);
+    for (int64_t r0 = 0; r0 < n; r0 += PASS1_ROWS) add(r0, std::min(n, r0 + PASS1_ROWS), j0, j1);
     for (int64_t j = j0; j < j1; ++j) mean[j] /= static_cast<double>(n);
   });
 }
@@ -134,8 +136,8 @@ void column_pass(int64_t n, int64_t d, double* mean, const Add& add) {
 template <typename T>
 void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean) {
   const auto accumulate = Typed<T>::accumulate(ks);
-  column_pass(n, d, mean, [&](int64_t r, int64_t j0, int64_t j1) {
-    accumulate(w + r * row_stride + j0, j1 - j0, mean + j0);
+  column_pass(n, d, mean, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
+    for (int64_t r = r0; r < r1; ++r) accumulate(w + r * row_stride + j0, j1 - j0, mean + j0);
   });
 }
 
@@ -170,7 +172,7 @@ struct ExactPlan {
   std::vector<int32_t> extra;        // per column of W: its first extra column, or -1
   std::vector<float> scale, shift;
   std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
-  std::vector<double> diag;            // sum of t^2 over the rows, filled by the packs
+  std::vector<double> diag;            // sum of t^2 over the rows: from pass 1, or (centred) the packs
 };
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
@@ -209,6 +211,8 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
     const double m = mean[j] * static_cast<double>(p.scale[j]);  // exact
     p.shift[j] = centre[j] ? static_cast<float>(m) : 0.0f;
     p.delta[j] = m - static_cast<double>(p.shift[j]);
+    // Uncentred (shift 0), t is x scaled exactly: the sum of its squares is pass 1's, scaled.
+    if (p.shift[j] == 0.0f) p.diag[j] = sq[j] * static_cast<double>(p.scale[j]) * static_cast<double>(p.scale[j]);
     p.cols[j] = static_cast<int32_t>(j);
     if (split[j]) {
       p.extra[j] = static_cast<int32_t>(next);
@@ -235,8 +239,9 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     const auto* wb = reinterpret_cast<const c10::BFloat16*>(w);
     std::vector<double> sq(d, 0.0);
     std::vector<float> amax(d, 0.0f);
-    column_pass(n, d, mean64, [&](int64_t r, int64_t j0, int64_t j1) {
-      chosen.exact->moments(wb + r * row_stride + j0, j1 - j0, mean64 + j0, sq.data() + j0, amax.data() + j0);
+    column_pass(n, d, mean64, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
+      chosen.exact->moments(wb + r0 * row_stride + j0, row_stride, r1 - r0, j1 - j0, mean64 + j0, sq.data() + j0,
+                            amax.data() + j0);
     });
     exact = plan_exact(mean64, sq.data(), amax.data(), n, d, plan);
   }

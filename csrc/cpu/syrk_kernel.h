@@ -22,19 +22,21 @@ struct KernelSet;
 // extra building blocks. Its packs hold pairs of rows: pair row q of a panel is one 32-bit word per
 // column, bf16 of row 2q in the low half and of row 2q + 1 in the high half.
 struct ExactBf16 {
-  // sum[j] += double(src[j]) (bitwise the other sets' accumulate_bf16), sq[j] += src[j]^2 in fp64,
-  // amax[j] = max(amax[j], |src[j]|), for j < d.
-  void (*moments)(const c10::BFloat16* src, int64_t d, double* sum, double* sq, float* amax);
+  // For each column j < width and row r < rows of src (rows stride elements apart), in row order:
+  // sum[j] += double(x) (bitwise the other sets' accumulate_bf16), sq[j] += x^2 in fp64,
+  // amax[j] = max(amax[j], |x|).
+  void (*moments)(const c10::BFloat16* src, int64_t stride, int64_t rows, int64_t width, double* sum, double* sq,
+                  float* amax);
   // Column c < width of kc rows (zero rows up to an even count, zero columns up to panel):
   // bf16(t) with t = float(src[c]) * scale[c] - shift[c] in fp32 (a product and a subtraction, each
-  // rounded to nearest), bf16 rounding to nearest even; sq[c] += the sum of t^2 over the rows, in
-  // fp64 in row order.
+  // rounded to nearest), bf16 rounding to nearest even; for a centred column (shift[c] != 0)
+  // sq[c] += the sum of t^2 over the rows, in fp64 in row order.
   void (*pack)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* scale, const float* shift,
                int64_t width, int64_t panel, void* dst, double* sq);
   // The same for any columns: column c of the panel is part parts[c] (0, 1, 2: h, m, l of
   // t = h + m + l, h = bf16(t), m = bf16(t - h), l = bf16(t - h - m)) of column cols[c] of the rows
-  // starting at row0; scale, shift and sq (added to for part-0 columns only) are indexed by that
-  // column. Part 0 gives pack's bits.
+  // starting at row0; scale, shift and sq (added to for centred part-0 columns only) are indexed by
+  // that column. Part 0 gives pack's bits.
   void (*pack_parts)(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
                      const int32_t* parts, const float* scale, const float* shift, int64_t width, int64_t panel,
                      void* dst, double* sq);
