@@ -99,6 +99,24 @@ def test_center_syrk_huge_offsets_every_column(kernel, sigmas):
     assert torch.allclose(mean.double(), mu64, rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sigmas", [8.0, 30.0, 100.0])
+def test_center_syrk_many_far_off_columns(kernel, dtype, sigmas):
+    # Half the columns sit 8-100 sd off zero, so their bf16/fp16 values lie on a grid that is
+    # coarse for their spread. Centred on their fp32 means, the fp32 run sums of their products
+    # rounded with a bias (2-7e-7 of the covariance); centred on the means rounded to W's type,
+    # x - centre is a small multiple of that grid and the sums are exact or nearly so.
+    X = make_w(6000, 96, torch.float64, seed=int(sigmas))
+    sign = torch.where(torch.arange(48) % 3 == 0, -1.0, 1.0).to(torch.float64)
+    X[:, ::2] += sigmas * X[:, ::2].std(0) * sign
+    W = X.to(dtype)
+    mu64, c64 = cov64(W)
+    mean, cov = native_cov(W)
+    assert torch.equal(cov, cov.T)
+    assert float((mean - mu64).abs().max()) <= 1e-12 * float(mu64.abs().max())
+    assert rel_fro(cov, c64) < 1e-7
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_center_syrk_strided(kernel, dtype):
     base = make_w(1500, 120, dtype, offset_sigmas=20.0)

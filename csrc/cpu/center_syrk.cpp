@@ -3,7 +3,8 @@
 // Input: W (N, d), bf16/fp16/fp32, unit column stride (any row stride, e.g. a memory-mapped file).
 // Output: mean fp64 (d,), covariance fp32 (d, d), symmetric and full.
 //
-// Two passes over W. Pass 1 sums each column in fp64 (the exact mean, whatever the offset). Pass 2
+// Two passes over W. Pass 1 sums each column and its squares in fp64 (the exact mean, whatever the
+// offset, and the spread, which picks the fp32 value each column is centred on: centre_of). Pass 2
 // takes blocks of KC rows; each block is converted, centred and packed once into MR-wide (A) and
 // NR-wide (B) column panels (L2/L3 resident, in the kernel set's layout: fp32 rows for the 16 x 6
 // AVX2 and 48 x 8 AVX-512 tiles, where AVX-512 reads B from the A panels; split bf16 tiles for the
@@ -133,12 +134,42 @@ void column_pass(int64_t n, int64_t d, double* mean, const Add& add) {
   });
 }
 
+// Pass 1 of the fp32 sets: the mean and the sums of squares (into sq, zero on entry), which
+// centre_of needs.
 template <typename T>
-void column_mean(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean) {
+void column_moments(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean,
+                    double* sq) {
   const auto accumulate = Typed<T>::accumulate(ks);
   column_pass(n, d, mean, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
-    for (int64_t r = r0; r < r1; ++r) accumulate(w + r * row_stride + j0, j1 - j0, mean + j0);
+    for (int64_t r = r0; r < r1; ++r) accumulate(w + r * row_stride + j0, j1 - j0, mean + j0, sq + j0);
   });
+}
+
+// Significand bits of W's element type (the spacing of its values at x is about |x| 2^(1 - bits)).
+template <typename T>
+constexpr int significand_bits = std::is_same_v<T, float> ? 24 : std::is_same_v<T, c10::Half> ? 11 : 8;
+
+// The fp32 value the fp32 sets centre a column on (x - centre is formed in fp32, the mean's
+// remainder taken out in fp64 at the end). Usually fp32(mean), whose 24 bits make the rows' low
+// bits irregular. A column far from zero for its spread is different: its values lie on the input
+// type's grid near the mean, coarse compared with the spread, and centred on fp32(mean) every row
+// carries the same fp32 remainder; the fp32 sums of such rows' products then round with a bias,
+// 2-8e-7 of the covariance when many columns sit 5-300 sd off zero (a few such columns do not
+// show). Where the grid spacing at the mean is at least sd / 128, the centre is the mean rounded to
+// the input type instead: x - centre is then a small multiple of that spacing, and the products
+// and their run sums are exact or nearly so (4-6e-8 in the same tests; centring on a finer grid
+// than the input type's brings the bias back).
+template <typename T>
+float centre_of(double mean, double sq, int64_t n) {
+  const auto fp32_mean = static_cast<float>(mean);
+  const auto coarse = static_cast<float>(static_cast<T>(fp32_mean));
+  const double var = sq / static_cast<double>(n) - mean * mean;
+  const double sd = std::sqrt(std::max(var, 0.0));
+  if (!std::isfinite(coarse) || !std::isfinite(sd) || coarse == 0.0f) return fp32_mean;
+  int e = 0;
+  std::frexp(coarse, &e);  // |coarse| = f 2^e, f in [0.5, 1)
+  const double spacing = std::ldexp(1.0, e - significand_bits<T>);
+  return 128.0 * spacing >= sd ? coarse : fp32_mean;
 }
 
 // Owns the progress counters from the start of a call to its end, however it ends.
@@ -235,9 +266,9 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const bool try_exact = chosen.exact != nullptr && std::is_same_v<T, c10::BFloat16>;
   ExactPlan plan;
   bool exact = false;
+  std::vector<double> sq(d, 0.0);
   if (try_exact) {
     const auto* wb = reinterpret_cast<const c10::BFloat16*>(w);
-    std::vector<double> sq(d, 0.0);
     std::vector<float> amax(d, 0.0f);
     column_pass(n, d, mean64, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
       chosen.exact->moments(wb + r0 * row_stride + j0, row_stride, r1 - r0, j1 - j0, mean64 + j0, sq.data() + j0,
@@ -248,7 +279,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const KernelSet& ks = exact ? chosen : chosen.exact != nullptr ? chosen.exact->fallback() : chosen;
   const auto pack = Typed<T>::pack(ks);
   const auto pack_pair = Typed<T>::pack_pair(ks);
-  if (!try_exact) column_mean(w, n, d, row_stride, ks, mean64);
+  if (!try_exact) column_moments(w, n, d, row_stride, ks, mean64, sq.data());
   const int64_t dp = exact ? plan.dp : d;  // columns of the matrix multiplied
   last_covariance().set.store(ks.name);
   last_covariance().columns.store(dp);
@@ -264,7 +295,8 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const Triangle tri(dp, ks.mr, ks.nr);
   const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
-  for (int64_t j = 0; j < d; ++j) mean32[j] = static_cast<float>(mean64[j]);
+  if (!exact)
+    for (int64_t j = 0; j < d; ++j) mean32[j] = centre_of<T>(mean64[j], sq[j], n);
 
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const auto items = make_items(tri, ks.mc_cols, ks.jb_cols, nthreads);

@@ -69,27 +69,24 @@ inline void add8_f64(double* acc, __m256 x) {
                                           _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
 }
 
-void accumulate_bf16_avx2(const c10::BFloat16* src, int64_t d, double* acc) {
-  const auto* s = reinterpret_cast<const uint16_t*>(src);
+// sum += x and sq += x^2 in fp64 for 8 values (x^2 is exact in fp64 for bf16, fp16 and fp32 x).
+inline void add8_moments(double* sum, double* sq, __m256 x) {
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+  _mm256_storeu_pd(sum, _mm256_add_pd(_mm256_loadu_pd(sum), lo));
+  _mm256_storeu_pd(sum + 4, _mm256_add_pd(_mm256_loadu_pd(sum + 4), hi));
+  _mm256_storeu_pd(sq, _mm256_fmadd_pd(lo, lo, _mm256_loadu_pd(sq)));
+  _mm256_storeu_pd(sq + 4, _mm256_fmadd_pd(hi, hi, _mm256_loadu_pd(sq + 4)));
+}
+
+template <typename L>
+void accumulate_avx2(const typename L::T* src, int64_t d, double* sum, double* sq) {
   int64_t j = 0;
-  for (; j + 8 <= d; j += 8) {
-    add8_f64(acc + j, bf16_to_f32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j))));
+  for (; j + 8 <= d; j += 8) add8_moments(sum + j, sq + j, L::load8(src + j));
+  for (; j < d; ++j) {
+    const double x = static_cast<double>(static_cast<float>(src[j]));
+    sum[j] += x;
+    sq[j] += x * x;
   }
-  for (; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
-}
-
-void accumulate_f16_avx2(const c10::Half* src, int64_t d, double* acc) {
-  const auto* s = reinterpret_cast<const uint16_t*>(src);
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8)
-    add8_f64(acc + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j))));
-  for (; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
-}
-
-void accumulate_f32_avx2(const float* src, int64_t d, double* acc) {
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8) add8_f64(acc + j, _mm256_loadu_ps(src + j));
-  for (; j < d; ++j) acc[j] += static_cast<double>(src[j]);
 }
 
 // 16x6 register tile: 12 ymm accumulators, 2 ymm for the A column, 1 for the broadcast B value.
@@ -170,9 +167,9 @@ const KernelSet& avx2_kernels() {
                              pack_avx2<LoadBF16>,
                              pack_avx2<LoadF16>,
                              pack_avx2<LoadF32>,
-                             accumulate_bf16_avx2,
-                             accumulate_f16_avx2,
-                             accumulate_f32_avx2,
+                             accumulate_avx2<LoadBF16>,
+                             accumulate_avx2<LoadF16>,
+                             accumulate_avx2<LoadF32>,
                              micro_avx2};
   return set;
 }

@@ -23,7 +23,7 @@ struct KernelSet;
 // column, bf16 of row 2q in the low half and of row 2q + 1 in the high half.
 struct ExactBf16 {
   // For each column j < width and row r < rows of src (rows stride elements apart), in row order:
-  // sum[j] += double(x) (bitwise the other sets' accumulate_bf16), sq[j] += x^2 in fp64,
+  // sum[j] += double(x), sq[j] += x^2 in fp64 (both bitwise the other sets' accumulate_bf16),
   // amax[j] = max(amax[j], |x|).
   void (*moments)(const c10::BFloat16* src, int64_t stride, int64_t rows, int64_t width, double* sum, double* sq,
                   float* amax);
@@ -53,7 +53,8 @@ struct KernelSet {
   int64_t kc, mc_cols, jb_cols;
   // B panels are read from the A panels (nr divides mr) instead of being packed separately.
   bool b_in_a;
-  // Packs one column panel of a block of rows, converted and centred:
+  // Packs one column panel of a block of rows, converted and centred on mean[c] (the driver's
+  // fp32 centre of each column: its mean, or for some far-off columns a value near it):
   //   dst[k * panel + c] = float(src[k * stride + c]) - mean[c]  for k < kc, c < width,
   //   dst[k * panel + c] = 0                                      for width <= c < panel.
   // panel is mr or nr; width <= panel.
@@ -63,10 +64,11 @@ struct KernelSet {
                    int64_t width, int64_t panel, float* dst);
   void (*pack_f32)(const float* src, int64_t stride, int64_t kc, const float* mean, int64_t width,
                    int64_t panel, float* dst);
-  // acc[j] += double(src[j]) for j < d (exact conversion, one fp64 addition per element).
-  void (*accumulate_bf16)(const c10::BFloat16* src, int64_t d, double* acc);
-  void (*accumulate_f16)(const c10::Half* src, int64_t d, double* acc);
-  void (*accumulate_f32)(const float* src, int64_t d, double* acc);
+  // sum[j] += x and sq[j] += x * x in fp64 for x = double(src[j]), j < d (exact conversion and
+  // square, one fp64 addition each): the same bits in every set.
+  void (*accumulate_bf16)(const c10::BFloat16* src, int64_t d, double* sum, double* sq);
+  void (*accumulate_f16)(const c10::Half* src, int64_t d, double* sum, double* sq);
+  void (*accumulate_f32)(const float* src, int64_t d, double* sum, double* sq);
   // c[col * mr + row] += double(sum over k < kc of a[k * mr + row] * b[k * ldb + col]), the sum
   // taken in fp32 with one fused multiply-add per term, in increasing k; ldb is the set's B row
   // stride, mr with b_in_a, else nr. pf: the fp64 tile of the next call, to be prefetched

@@ -22,8 +22,12 @@ void pack_portable(const T* src, int64_t stride, int64_t kc, const float* mean, 
 }
 
 template <typename T>
-void accumulate_portable(const T* src, int64_t d, double* acc) {
-  for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(static_cast<float>(src[j]));
+void accumulate_portable(const T* src, int64_t d, double* sum, double* sq) {
+  for (int64_t j = 0; j < d; ++j) {
+    const double x = static_cast<double>(static_cast<float>(src[j]));
+    sum[j] += x;
+    sq[j] += x * x;  // exact product: the same bits with or without a fused multiply-add
+  }
 }
 
 void micro_portable(int64_t kc, const float* a, const float* b, double* c, const double*) {
