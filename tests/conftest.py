@@ -36,6 +36,15 @@ def make_w(n: int, d: int, dtype: torch.dtype, *, seed: int = 0, offset_sigmas: 
     return W.to(dtype)
 
 
+def make_far_off_w(n: int, d: int, dtype: torch.dtype, sigmas: float) -> torch.Tensor:
+    """make_w with every other column moved `sigmas` of its sd off zero (every third of them below)."""
+    X = make_w(n, d, torch.float64, seed=int(sigmas))
+    moved = X[:, ::2]
+    sign = torch.where(torch.arange(moved.shape[1]) % 3 == 0, -1.0, 1.0).to(torch.float64)
+    X[:, ::2] = moved + sigmas * moved.std(0) * sign
+    return X.to(dtype)
+
+
 def cov64(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (fp64) mean and population covariance of the values W holds."""
     X = W.to(torch.float64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import refframe
-from conftest import DTYPES, cov64, make_w, rel_fro
+from conftest import DTYPES, cov64, make_far_off_w, make_w, rel_fro
 from refframe import ops
 
 CUDA = torch.device("cuda")
@@ -91,6 +91,16 @@ def test_center_syrk_cuda_strided(dtype, view):
     # The strided and the vector loads do the same arithmetic: same bits as on a contiguous copy.
     mean_c, cov_c = center_syrk(W.contiguous())
     assert torch.equal(mean, mean_c) and torch.equal(cov, cov_c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sigmas", [8.0, 30.0, 100.0])
+def test_center_syrk_cuda_many_far_off_columns(dtype, sigmas):
+    # Half the columns far off zero on a coarse bf16/fp16 grid: centred on the mean rounded to W's
+    # type (centre.h), not on its fp32 rounding, whose 128-row fp32 sums round with a bias.
+    W = make_far_off_w(6000, 96, dtype, sigmas).to(CUDA)
+    mean, cov = center_syrk(W)
+    check_covariance(W, mean, cov)
 
 
 def test_center_syrk_cuda_is_deterministic():

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import DTYPES, cov64, make_w, needs_native, rel_fro
+from conftest import DTYPES, cov64, make_far_off_w, make_w, needs_native, rel_fro
 from refframe import covariance
 
 pytestmark = needs_native
@@ -106,10 +106,7 @@ def test_center_syrk_many_far_off_columns(kernel, dtype, sigmas):
     # coarse for their spread. Centred on their fp32 means, the fp32 run sums of their products
     # rounded with a bias (2-7e-7 of the covariance); centred on the means rounded to W's type,
     # x - centre is a small multiple of that grid and the sums are exact or nearly so.
-    X = make_w(6000, 96, torch.float64, seed=int(sigmas))
-    sign = torch.where(torch.arange(48) % 3 == 0, -1.0, 1.0).to(torch.float64)
-    X[:, ::2] += sigmas * X[:, ::2].std(0) * sign
-    W = X.to(dtype)
+    W = make_far_off_w(6000, 96, dtype, sigmas)
     mu64, c64 = cov64(W)
     mean, cov = native_cov(W)
     assert torch.equal(cov, cov.T)

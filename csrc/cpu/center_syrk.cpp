@@ -4,7 +4,7 @@
 // Output: mean fp64 (d,), covariance fp32 (d, d), symmetric and full.
 //
 // Two passes over W. Pass 1 sums each column and its squares in fp64 (the exact mean, whatever the
-// offset, and the spread, which picks the fp32 value each column is centred on: centre_of). Pass 2
+// offset, and the spread, which picks the fp32 value each column is centred on: centre.h). Pass 2
 // takes blocks of KC rows; each block is converted, centred and packed once into MR-wide (A) and
 // NR-wide (B) column panels (L2/L3 resident, in the kernel set's layout: fp32 rows for the 16 x 6
 // AVX2 and 48 x 8 AVX-512 tiles, where AVX-512 reads B from the A panels; split bf16 tiles for the
@@ -20,13 +20,14 @@
 // sets (the AMX set rounds in its own way: bitwise reproducible and within the same error, but not the
 // same bits).
 //
-// A set with exact bf16 products (avx512bf16, for bf16 W) changes three things: pass 1 also sums
-// squares and finds each column's largest |x|, from which a plan (plan_exact) scales every column
-// by a power of two and picks the columns to centre; pass 2 multiplies an extended matrix, W's
-// columns followed by two extra parts of each centred column, packed as bf16 row pairs; and the
-// covariance is assembled from the extended product's partial products, with the diagonal taken
-// from fp64 sums of squares (pass 1's for uncentred columns, the packs' for centred ones). When the plan refuses (non-finite values, more than d / 8
-// columns to split) or W is not bf16, the set's fallback (avx512) does everything.
+// A set with exact bf16 products (avx512bf16, for bf16 W) changes three things: pass 1 also finds
+// each column's largest |x|, from which a plan (plan_exact) scales every column by a power of two
+// and picks the columns to centre; pass 2 multiplies an extended matrix, W's columns followed by
+// two extra parts of each centred column, packed as bf16 row pairs; and the covariance is
+// assembled from the extended product's partial products, with the diagonal taken from fp64 sums
+// of squares (pass 1's for uncentred columns, the packs' for centred ones). When the plan refuses
+// (non-finite values, more than d / 8 columns to split) or W is not bf16, the set's fallback
+// (avx512) does everything.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -42,6 +43,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "../centre.h"
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
@@ -135,7 +137,7 @@ void column_pass(int64_t n, int64_t d, double* mean, const Add& add) {
 }
 
 // Pass 1 of the fp32 sets: the mean and the sums of squares (into sq, zero on entry), which
-// centre_of needs.
+// centre_of (centre.h) needs.
 template <typename T>
 void column_moments(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean,
                     double* sq) {
@@ -143,33 +145,6 @@ void column_moments(const T* w, int64_t n, int64_t d, int64_t row_stride, const 
   column_pass(n, d, mean, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
     for (int64_t r = r0; r < r1; ++r) accumulate(w + r * row_stride + j0, j1 - j0, mean + j0, sq + j0);
   });
-}
-
-// Significand bits of W's element type (the spacing of its values at x is about |x| 2^(1 - bits)).
-template <typename T>
-constexpr int significand_bits = std::is_same_v<T, float> ? 24 : std::is_same_v<T, c10::Half> ? 11 : 8;
-
-// The fp32 value the fp32 sets centre a column on (x - centre is formed in fp32, the mean's
-// remainder taken out in fp64 at the end). Usually fp32(mean), whose 24 bits make the rows' low
-// bits irregular. A column far from zero for its spread is different: its values lie on the input
-// type's grid near the mean, coarse compared with the spread, and centred on fp32(mean) every row
-// carries the same fp32 remainder; the fp32 sums of such rows' products then round with a bias,
-// 2-8e-7 of the covariance when many columns sit 5-300 sd off zero (a few such columns do not
-// show). Where the grid spacing at the mean is at least sd / 128, the centre is the mean rounded to
-// the input type instead: x - centre is then a small multiple of that spacing, and the products
-// and their run sums are exact or nearly so (4-6e-8 in the same tests; centring on a finer grid
-// than the input type's brings the bias back).
-template <typename T>
-float centre_of(double mean, double sq, int64_t n) {
-  const auto fp32_mean = static_cast<float>(mean);
-  const auto coarse = static_cast<float>(static_cast<T>(fp32_mean));
-  const double var = sq / static_cast<double>(n) - mean * mean;
-  const double sd = std::sqrt(std::max(var, 0.0));
-  if (!std::isfinite(coarse) || !std::isfinite(sd) || coarse == 0.0f) return fp32_mean;
-  int e = 0;
-  std::frexp(coarse, &e);  // |coarse| = f 2^e, f in [0.5, 1)
-  const double spacing = std::ldexp(1.0, e - significand_bits<T>);
-  return 128.0 * spacing >= sd ? coarse : fp32_mean;
 }
 
 // Owns the progress counters from the start of a call to its end, however it ends.
@@ -296,7 +271,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
   if (!exact)
-    for (int64_t j = 0; j < d; ++j) mean32[j] = centre_of<T>(mean64[j], sq[j], n);
+    for (int64_t j = 0; j < d; ++j) mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n);
 
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const auto items = make_items(tri, ks.mc_cols, ks.jb_cols, nthreads);

@@ -5,7 +5,8 @@
 // synchronisation and no atomics, so the result is bitwise identical from run to run on a given
 // device (only the number of row splits of pass 2 depends on the device: its SM count).
 //
-// Pass 1 (column_sum_kernel, mean_finalize_kernel): exact fp64 column sums, merged in a fixed order.
+// Pass 1 (column_sum_kernel, mean_finalize_kernel): exact fp64 column sums and sums of squares,
+// merged in a fixed order; each column's fp32 centre (centre.h) from them.
 // Pass 2 (syrk_kernel): Gram matrix of the centred rows, upper-triangle 128 x 128 tiles only.
 // Pass 3 (reduce_mirror_kernel): fixed-order sum of the row splits, divide by N, write both halves.
 #include <ATen/ATen.h>
@@ -21,6 +22,8 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+
+#include "../centre.h"
 
 namespace refframe::cuda {
 namespace {
@@ -52,42 +55,57 @@ __host__ __device__ inline void tile_coords(int64_t t, int64_t& ti, int64_t& tj)
 // two groups of 4, 64 apart, so that each thread reads its A and B values as two float4.
 __host__ __device__ inline int micro_offset(int t, int m) { return (m / 4) * 64 + t * 4 + (m % 4); }
 
-// Column sums of W in fp64, one row split per blockIdx.y.
+// Column sums of W and of its squares in fp64, one row split per blockIdx.y.
 //
 // Block: 32 columns x 8 row lanes; each lane sums its rows in order, the lanes are merged in order,
-// and partial[split][j] receives the split's sum. Unit column stride gives coalesced row reads.
+// and partial[split][j] receives the split's sum, partial[splits + split][j] its sum of squares.
+// Unit column stride gives coalesced row reads.
 template <typename T>
 __global__ void column_sum_kernel(const T* __restrict__ w, int64_t n, int64_t d, int64_t s0, int64_t s1,
                                   int64_t rows_per_split, double* __restrict__ partial) {
-  __shared__ double lanes[kSumLanes][kSumCols];
+  __shared__ double lanes[2][kSumLanes][kSumCols];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t r1 = r0 + rows_per_split < n ? r0 + rows_per_split : n;
-  double s = 0.0;
+  double s = 0.0, q = 0.0;
   if (j < d) {
     const T* col = w + j * s1;
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kSumLanes) s += static_cast<double>(static_cast<float>(col[r * s0]));
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kSumLanes) {
+      const double x = static_cast<double>(static_cast<float>(col[r * s0]));
+      s += x;
+      q += x * x;  // exact in fp64
+    }
   }
-  lanes[threadIdx.y][threadIdx.x] = s;
+  lanes[0][threadIdx.y][threadIdx.x] = s;
+  lanes[1][threadIdx.y][threadIdx.x] = q;
   __syncthreads();
   if (threadIdx.y == 0 && j < d) {
-    double t = 0.0;
+    double t = 0.0, u = 0.0;
 #pragma unroll
-    for (int y = 0; y < kSumLanes; ++y) t += lanes[y][threadIdx.x];
+    for (int y = 0; y < kSumLanes; ++y) {
+      t += lanes[0][y][threadIdx.x];
+      u += lanes[1][y][threadIdx.x];
+    }
     partial[blockIdx.y * d + j] = t;
+    partial[(gridDim.y + blockIdx.y) * d + j] = u;
   }
 }
 
-// mean64[j] = (sum of the split partials of column j, in split order) / N; mean32 = fp32(mean64).
+// mean64[j] = (sum of the split partials of column j, in split order) / N; mean32 = the fp32
+// centre of the column (centre.h), from the mean and the sum of squares.
+template <typename T>
 __global__ void mean_finalize_kernel(const double* __restrict__ partial, int64_t splits, int64_t n, int64_t d,
                                      double* __restrict__ mean64, float* __restrict__ mean32) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= d) return;
-  double s = 0.0;
-  for (int64_t sp = 0; sp < splits; ++sp) s += partial[sp * d + j];
+  double s = 0.0, q = 0.0;
+  for (int64_t sp = 0; sp < splits; ++sp) {
+    s += partial[sp * d + j];
+    q += partial[(splits + sp) * d + j];
+  }
   const double m = s / static_cast<double>(n);
   mean64[j] = m;
-  mean32[j] = static_cast<float>(m);
+  mean32[j] = refframe::centre_of<T>(m, q, n);
 }
 
 // Element e (0..7) of eight packed elements of type T, converted exactly to fp32.
@@ -147,7 +165,7 @@ struct Chunk<T, false> {
 //
 // Layout: W (N, d) with strides (s0, s1); tile (ti, tj) from blockIdx.x, rows
 // [blockIdx.y * rows_per_split, ...) of W. Each step stages 16 rows of the A columns (ti) and the
-// B columns (tj), converted and centred once (fp32(x) - fp32(mean)) and zero outside W, in a
+// B columns (tj), converted and centred once (fp32(x) - the column's centre) and zero outside W, in a
 // double-buffered shared-memory panel; the next step's chunks are already in flight in registers.
 // Each thread holds an 8 x 8 block of the tile (two 4 x 4 groups 64 apart: conflict-free float4
 // reads) and forms all 64 x 16 products of a step with one fp32 FMA each.
@@ -349,15 +367,15 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f64 = W.options().dtype(at::kDouble);
 
-  // Pass 1: exact mean.
+  // Pass 1: exact mean, and the sums of squares that pick each column's fp32 centre.
   const int64_t mean_rows = std::max(kMinMeanRows, ceil_div(n, kMaxMeanSplits));
   const int64_t mean_splits = ceil_div(n, mean_rows);
-  at::Tensor mean_partial = at::empty({mean_splits, d}, f64);
+  at::Tensor mean_partial = at::empty({2 * mean_splits, d}, f64);
   at::Tensor mean32 = at::empty({d}, W.options().dtype(at::kFloat));
   column_sum_kernel<T><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0, stream>>>(
       w, n, d, s0, s1, mean_rows, mean_partial.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  mean_finalize_kernel<<<ceil_div(d, kThreads), kThreads, 0, stream>>>(
+  mean_finalize_kernel<T><<<ceil_div(d, kThreads), kThreads, 0, stream>>>(
       mean_partial.const_data_ptr<double>(), mean_splits, n, d, mean.data_ptr<double>(), mean32.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
