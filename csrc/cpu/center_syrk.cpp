@@ -23,10 +23,10 @@
 // A set with exact bf16 products (avx512bf16, for bf16 W) changes three things: pass 1 also finds
 // each column's largest |x|, from which a plan (plan_exact) scales every column by a power of two
 // and picks the columns to centre; pass 2 multiplies an extended matrix, W's columns followed by
-// two extra parts of each centred column, packed as bf16 row pairs; and the covariance is
+// one or two extra parts of each centred column, packed as bf16 row pairs; and the covariance is
 // assembled from the extended product's partial products, with the diagonal taken from fp64 sums
 // of squares (pass 1's for uncentred columns, the packs' for centred ones). When the plan refuses
-// (non-finite values, more than d / 8 columns to split) or W is not bf16, the set's fallback
+// (non-finite values, more than d / 4 extra columns) or W is not bf16, the set's fallback
 // (avx512) does everything.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -169,35 +169,47 @@ struct ProgressScope {
 };
 
 // How a set with exact bf16 products (ExactBf16, syrk_avx512bf16.cpp) multiplies W: the columns
-// of the extended matrix (W's d columns, then parts 1 and 2 of each centred column) and, per column
-// of W, its power-of-two scale, its shift (0, or its mean scaled, in fp32) and what remains to be
-// taken out in fp64 at the end.
+// of the extended matrix (W's d columns, then the extra parts of each centred column) and, per
+// column of W, its power-of-two scale, its shift (0, or its mean scaled and rounded to bf16 or
+// fp32) and what remains to be taken out in fp64 at the end.
 struct ExactPlan {
   int64_t dp = 0;                    // columns of the extended matrix
   std::vector<int32_t> cols, parts;  // per extended column: its column of W and its part
-  std::vector<int32_t> extra;        // per column of W: its first extra column, or -1
+  std::vector<int32_t> extra;        // per column of W: its first extra column, or -1 ...
+  std::vector<int8_t> extras;        // ... and how many it has (0, 1 or 2)
   std::vector<float> scale, shift;
   std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
   std::vector<double> diag;            // sum of t^2 over the rows: from pass 1, or (centred) the packs
 };
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
-// more than d / 8 columns to split into parts (those would cost more than the faster products
-// gain). A column is centred when |mean| > its standard deviation. A constant column is centred without
-// parts: its mean is its value (an exact fp64 sum divided by N), so t is 0 and costs nothing.
+// more than d / 4 extra columns (those would cost more than the faster products gain). A column is
+// centred when |mean| > its standard deviation, and then needs parts:
+//  - within 32 sd of zero, two (one extra column): the shift is the scaled mean rounded to bf16,
+//    so t = a - shift is the difference of two bf16 numbers (a: x scaled), exact in fp32, and
+//    h = bf16(t) leaves t - h, the rounding error of a bf16 sum, which is itself a bf16 number
+//    (while the two lie within 2^15 of each other; beyond that fp32 rounds t, by at most its own
+//    2^-24). The shift is then at most 2^-8 |mean| <= sd / 8 from the mean;
+//  - further out, three (two extra columns): the shift is the fp32 mean, t rounds as in the fp32
+//    sets and h + m + l holds it exactly; a bf16 shift could leave a remainder of more than sd / 8,
+//    whose rank-one term taken out at the end would cancel digits.
+// A constant column is centred without parts: its mean is its value (an exact fp64 sum divided by
+// N), so t is 0 and costs nothing.
 bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, ExactPlan& p) {
-  std::vector<char> centre(d, 0), split(d, 0);
-  int64_t centred = 0;
+  p.extras.assign(d, 0);
+  std::vector<char> centre(d, 0);
+  int64_t extras = 0;
   for (int64_t j = 0; j < d; ++j) {
     if (!std::isfinite(mean[j]) || !std::isfinite(sq[j])) return false;
     const double var = sq[j] / static_cast<double>(n) - mean[j] * mean[j];
-    centre[j] = mean[j] != 0.0 && mean[j] * mean[j] > var;
+    const double m2 = mean[j] * mean[j];
+    centre[j] = mean[j] != 0.0 && m2 > var;
     // Every |x| <= amax, so a mean of +-amax means every x equals it.
-    split[j] = centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j]);
-    centred += split[j];
+    if (centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = m2 <= 1024.0 * var ? 1 : 2;
+    extras += p.extras[j];
   }
-  if (8 * centred > d) return false;
-  p.dp = d + 2 * centred;
+  if (4 * extras > d) return false;
+  p.dp = d + extras;
   const int64_t pad = 64;
   p.cols.assign(p.dp + pad, 0);
   p.parts.assign(p.dp + pad, 0);
@@ -215,14 +227,15 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
     p.scale[j] = std::ldexp(1.0f, -e);
     p.unscale[j] = std::ldexp(1.0, e);
     const double m = mean[j] * static_cast<double>(p.scale[j]);  // exact
-    p.shift[j] = centre[j] ? static_cast<float>(m) : 0.0f;
+    const auto m32 = static_cast<float>(m);
+    p.shift[j] = !centre[j] ? 0.0f : p.extras[j] == 1 ? static_cast<float>(c10::BFloat16(m32)) : m32;
     p.delta[j] = m - static_cast<double>(p.shift[j]);
     // Uncentred (shift 0), t is x scaled exactly: the sum of its squares is pass 1's, scaled.
     if (p.shift[j] == 0.0f) p.diag[j] = sq[j] * static_cast<double>(p.scale[j]) * static_cast<double>(p.scale[j]);
     p.cols[j] = static_cast<int32_t>(j);
-    if (split[j]) {
+    if (p.extras[j] > 0) {
       p.extra[j] = static_cast<int32_t>(next);
-      for (int q = 1; q <= 2; ++q, ++next) {
+      for (int q = 1; q <= p.extras[j]; ++q, ++next) {
         p.cols[next] = static_cast<int32_t>(j);
         p.parts[next] = q;
       }
@@ -391,18 +404,17 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
       for (int64_t q = 2 * p0; q < 2 * p1; ++q) {
         const int64_t j = q % 2 == 0 ? q / 2 : d - 1 - q / 2;
         if (q % 2 == 1 && j == q / 2) continue;  // the middle column of an odd d, done once
-        const int64_t xj = plan.extra[j];
+        const int64_t xj = plan.extra[j], nj = plan.extras[j];
         const double dj = plan.delta[j], uj = plan.unscale[j];
         cov[j * d + j] = static_cast<float>((plan.diag[j] * inv_n - dj * dj) * uj * uj);
         for (int64_t i = 0; i < j; ++i) {
-          const int64_t xi = plan.extra[i];
+          const int64_t xi = plan.extra[i], ni = plan.extras[i];
           // Every partial product of the parts of columns i and j, in a fixed order.
           double s = gram(i, j);
-          if (xj >= 0) s += gram(i, xj) + gram(i, xj + 1);
-          if (xi >= 0) {
-            s += gram(xi, j) + gram(xi + 1, j);
-            if (xj >= 0) s += gram(xi, xj) + gram(xi, xj + 1) + gram(xi + 1, xj) + gram(xi + 1, xj + 1);
-          }
+          for (int64_t b = 0; b < nj; ++b) s += gram(i, xj + b);
+          for (int64_t a = 0; a < ni; ++a) s += gram(xi + a, j);
+          for (int64_t a = 0; a < ni; ++a)
+            for (int64_t b = 0; b < nj; ++b) s += gram(xi + a, xj + b);
           const double v = (s * inv_n - plan.delta[i] * plan.delta[j]) * plan.unscale[i] * plan.unscale[j];
           cov[i * d + j] = static_cast<float>(v);
           cov[j * d + i] = static_cast<float>(v);

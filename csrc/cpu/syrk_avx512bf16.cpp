@@ -9,17 +9,19 @@
 //  - a column whose mean is small against its spread (|mean| <= sd) is not centred: its values stay
 //    bf16, and the mean is taken out in fp64 at the end. Its fp32 sums are then at most about
 //    sqrt(1 + mean^2 / sd^2) <= 1.41 times as large as centred ones, and so is their rounding;
-//  - a column whose mean is large is centred in fp32 (t = x 2^-e - fp32(mean 2^-e), the rounding of
-//    the fp32 sets) and t is split into three bf16 parts, t = h + m + l; h stays in the column, m and
-//    l become two extra columns of the matrix multiplied, so the extended product holds every
-//    partial product h h', h m', ..., l l' and the driver adds them in fp64.
+//  - a column whose mean is large is centred in fp32, t = x 2^-e - shift, and t is split into bf16
+//    parts; h stays in the column, the others become extra columns of the matrix multiplied, so
+//    the extended product holds every partial product h h', h m', ... and the driver adds them in
+//    fp64. Within 32 sd of zero the shift is the scaled mean rounded to bf16: t is then exact and
+//    two parts hold it exactly, t = h + m (the rounding error of a bf16 sum is a bf16 number).
+//    Further out the shift is the fp32 mean (t rounds as in the fp32 sets) and three parts,
+//    t = h + m + l, hold it (plan_exact in center_syrk.cpp says why).
 // The diagonal is not taken from the products: the squares of bf16 numbers have biased low bits
 // (squares modulo 2^k take only some values), so their fp32 sums round low, by about 1.5e-7 of the
 // sum for runs of 128 rows. It comes from fp64 sums of t^2 instead: for an uncentred column t is x
 // scaled, so pass 1's sum of x^2 serves; the packs add t^2 of centred columns as they convert.
-// The driver (center_syrk.cpp) takes the fp32 avx512 set instead when W is not bf16, or when more
-// than an eighth of the columns would need parts (the extra columns would cost more than the
-// doubled rate gains).
+// The driver (center_syrk.cpp) takes the fp32 avx512 set instead when W is not bf16, or when there
+// would be more than d / 4 extra columns (they would cost more than the doubled rate gains).
 //
 // The fp32 sums of 256 rows (128 vdpbf16ps) are added into fp64 as in the other sets, so the result
 // is bitwise the same for any thread count; it is not the fp32 sets' bits (different products,
