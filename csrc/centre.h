@@ -25,6 +25,9 @@ namespace refframe {
 // Significand bits of W's element type (its spacing at x is 2^(e - bits) for |x| in [2^(e-1), 2^e)).
 template <typename T>
 constexpr int significand_bits = std::is_same_v<T, float> ? 24 : std::is_same_v<T, c10::Half> ? 11 : 8;
+// log2 of the type's smallest subnormal: the spacing of its subnormals and of its smallest normals.
+template <typename T>
+constexpr int min_spacing_exp = std::is_same_v<T, float> ? -149 : std::is_same_v<T, c10::Half> ? -24 : -133;
 
 // mean: the exact column mean; sq: the sum of x^2 over the column's n values (fp64).
 template <typename T>
@@ -36,7 +39,8 @@ C10_HOST_DEVICE inline float centre_of(double mean, double sq, int64_t n) {
   if (!std::isfinite(coarse) || !std::isfinite(sd) || coarse == 0.0f) return fp32_mean;
   int e = 0;
   std::frexp(coarse, &e);  // |coarse| = f 2^e, f in [0.5, 1)
-  const double spacing = std::ldexp(1.0, e - significand_bits<T>);
+  const int spacing_exp = e - significand_bits<T>;
+  const double spacing = std::ldexp(1.0, spacing_exp > min_spacing_exp<T> ? spacing_exp : min_spacing_exp<T>);
   return 128.0 * spacing >= sd ? coarse : fp32_mean;
 }
 

@@ -45,6 +45,16 @@ def make_far_off_w(n: int, d: int, dtype: torch.dtype, sigmas: float) -> torch.T
     return X.to(dtype)
 
 
+def make_subnormal_fp16_w(n: int, d: int, *, seed: int = 0) -> torch.Tensor:
+    """fp16 W whose values are all subnormal (k 2^-24, k ~ 100-300): each column 5-15 sd off zero on
+    the subnormal grid, with correlated columns."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Z = Z @ (torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64))
+    k = 100 + 200 * torch.rand(d, generator=g, dtype=torch.float64) + 20 * Z / Z.std(0)
+    return (k.round().clamp(1, 1023) * 2.0**-24).to(torch.float16)
+
+
 def cov64(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (fp64) mean and population covariance of the values W holds."""
     X = W.to(torch.float64)

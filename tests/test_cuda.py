@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import refframe
-from conftest import DTYPES, cov64, make_far_off_w, make_w, rel_fro
+from conftest import DTYPES, cov64, make_far_off_w, make_subnormal_fp16_w, make_w, rel_fro
 from refframe import ops
 
 CUDA = torch.device("cuda")
@@ -101,6 +101,15 @@ def test_center_syrk_cuda_many_far_off_columns(dtype, sigmas):
     W = make_far_off_w(6000, 96, dtype, sigmas).to(CUDA)
     mean, cov = center_syrk(W)
     check_covariance(W, mean, cov)
+
+
+def test_center_syrk_cuda_subnormal_fp16_columns():
+    # Subnormal fp16 columns far off zero: centre.h must use the subnormal spacing, 2^-24.
+    W = make_subnormal_fp16_w(6000, 96).to(CUDA)
+    mean, cov = center_syrk(W)
+    check_covariance(W, mean, cov)
+    _, c64 = cov64(W.cpu())
+    assert rel_fro(cov.cpu(), c64) < 4e-8
 
 
 def test_center_syrk_cuda_is_deterministic():

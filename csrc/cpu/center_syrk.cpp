@@ -170,29 +170,32 @@ struct ProgressScope {
 
 // How a set with exact bf16 products (ExactBf16, syrk_avx512bf16.cpp) multiplies W: the columns
 // of the extended matrix (W's d columns, then the extra parts of each centred column) and, per
-// column of W, its power-of-two scale, its shift (0, or its mean scaled and rounded to bf16 or
-// fp32) and what remains to be taken out in fp64 at the end.
+// column of W, its power-of-two scale, its shift (0, or its mean scaled and rounded to bf16; a
+// constant column's value) and what remains to be taken out in fp64 at the end.
 struct ExactPlan {
   int64_t dp = 0;                    // columns of the extended matrix
   std::vector<int32_t> cols, parts;  // per extended column: its column of W and its part
   std::vector<int32_t> extra;        // per column of W: its first extra column, or -1 ...
-  std::vector<int8_t> extras;        // ... and how many it has (0, 1 or 2)
+  std::vector<int8_t> extras;        // ... and how many it has (0 or 1)
   std::vector<float> scale, shift;
   std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
   std::vector<double> diag;            // sum of t^2 over the rows: from pass 1, or (centred) the packs
 };
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
-// more than d / 4 extra columns (those would cost more than the faster products gain). A column is
-// centred when |mean| > its standard deviation, and then needs parts:
-//  - within 32 sd of zero, two (one extra column): the shift is the scaled mean rounded to bf16,
-//    so t = a - shift is the difference of two bf16 numbers (a: x scaled), exact in fp32, and
-//    h = bf16(t) leaves t - h, the rounding error of a bf16 sum, which is itself a bf16 number
-//    (while the two lie within 2^15 of each other; beyond that fp32 rounds t, by at most its own
-//    2^-24). The shift is then at most 2^-8 |mean| <= sd / 8 from the mean;
-//  - further out, three (two extra columns): the shift is the fp32 mean, t rounds as in the fp32
-//    sets and h + m + l holds it exactly; a bf16 shift could leave a remainder of more than sd / 8,
-//    whose rank-one term taken out at the end would cancel digits.
+// more than d / 4 extra columns (those would cost more than the faster products gain).
+// A column is centred when |mean| > sd / 2. Left uncentred, its products with another such column
+// have a mean of their own, so the fp32 run sums grow with every row and round more: the error
+// grows as the mean does (1.1x at 0.3 sd, 1.5x at 0.5 sd, 3x at 0.75 sd, 4x at 0.9 sd, measured on
+// correlated bf16 columns). A centred column's shift is its scaled mean rounded to bf16, so
+// t = a - shift (a: x scaled) is the difference of two bf16 numbers, exact in fp32, and two parts
+// hold it: h = bf16(t), and t - h, the rounding error of a bf16 sum, is a bf16 number itself. That
+// is one extra column. (Where a and the shift lie more than 2^15 apart, fp32 rounds t, by at most
+// 2^-24 |t|, as the fp32 sets round their x - centre.) Far from zero the shift can sit several sd
+// from the mean (its bf16 spacing there is |mean| / 256 or more), but the values lie on that same
+// grid, so t is a small multiple of the spacing and the run sums of its products are exact: a
+// finer, fp32 shift would give every row the same fp32 remainder and bias those sums (1.7e-7 of
+// the block of columns 700 sd off zero).
 // A constant column is centred without parts: its mean is its value (an exact fp64 sum divided by
 // N), so t is 0 and costs nothing.
 bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, ExactPlan& p) {
@@ -202,10 +205,9 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
   for (int64_t j = 0; j < d; ++j) {
     if (!std::isfinite(mean[j]) || !std::isfinite(sq[j])) return false;
     const double var = sq[j] / static_cast<double>(n) - mean[j] * mean[j];
-    const double m2 = mean[j] * mean[j];
-    centre[j] = mean[j] != 0.0 && m2 > var;
+    centre[j] = mean[j] != 0.0 && 4.0 * mean[j] * mean[j] > var;
     // Every |x| <= amax, so a mean of +-amax means every x equals it.
-    if (centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = m2 <= 1024.0 * var ? 1 : 2;
+    if (centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = 1;
     extras += p.extras[j];
   }
   if (4 * extras > d) return false;

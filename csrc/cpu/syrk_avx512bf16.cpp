@@ -6,16 +6,15 @@
 // multiplied this way without losing anything, as long as the numbers multiplied are still bf16:
 //  - each column j is scaled by a power of two, 2^-e_j, from its largest |x| (exact; products then
 //    neither underflow nor overflow);
-//  - a column whose mean is small against its spread (|mean| <= sd) is not centred: its values stay
-//    bf16, and the mean is taken out in fp64 at the end. Its fp32 sums are then at most about
-//    sqrt(1 + mean^2 / sd^2) <= 1.41 times as large as centred ones, and so is their rounding;
-//  - a column whose mean is large is centred in fp32, t = x 2^-e - shift, and t is split into bf16
-//    parts; h stays in the column, the others become extra columns of the matrix multiplied, so
-//    the extended product holds every partial product h h', h m', ... and the driver adds them in
-//    fp64. Within 32 sd of zero the shift is the scaled mean rounded to bf16: t is then exact and
-//    two parts hold it exactly, t = h + m (the rounding error of a bf16 sum is a bf16 number).
-//    Further out the shift is the fp32 mean (t rounds as in the fp32 sets) and three parts,
-//    t = h + m + l, hold it (plan_exact in center_syrk.cpp says why).
+//  - a column whose mean is small against its spread (|mean| <= sd / 2) is not centred: its values
+//    stay bf16, and the mean is taken out in fp64 at the end. Its products with other such columns
+//    then have a mean of their own and their fp32 run sums round more, up to 1.5x as much as
+//    centred ones at sd / 2 (plan_exact in center_syrk.cpp has the measurements);
+//  - a column whose mean is larger is centred on its scaled mean rounded to bf16, t = x 2^-e -
+//    shift, exact in fp32, and t is split into two bf16 parts that hold it exactly, t = h + m (the
+//    rounding error of a bf16 sum is a bf16 number). h stays in the column, m becomes an extra
+//    column of the matrix multiplied, so the extended product holds every partial product h h',
+//    h m', m h', m m', and the driver adds them in fp64.
 // The diagonal is not taken from the products: the squares of bf16 numbers have biased low bits
 // (squares modulo 2^k take only some values), so their fp32 sums round low, by about 1.5e-7 of the
 // sum for runs of 128 rows. It comes from fp64 sums of t^2 instead: for an uncentred column t is x
@@ -152,13 +151,11 @@ void pack_bf16(const c10::BFloat16* src, int64_t stride, int64_t kc, const float
   }
 }
 
-// Part parts[c] of each lane's t, t as in pack_bf16.
+// Part parts[c] (0: h = bf16(t), 1: bf16(t - h)) of each lane's t, t as in pack_bf16.
 inline __m512i part_of(__m512 t, __m512i parts) {
-  __m512i h, m, l;
-  split3(t, h, m, l);
-  const __mmask16 is_m = _mm512_cmpeq_epi32_mask(parts, _mm512_set1_epi32(1));
-  const __mmask16 is_l = _mm512_cmpeq_epi32_mask(parts, _mm512_set1_epi32(2));
-  return _mm512_mask_blend_epi32(is_l, _mm512_mask_blend_epi32(is_m, h, m), l);
+  const __m512i h = round_bf16(_mm512_castps_si512(t));
+  const __m512i m = round_bf16(_mm512_castps_si512(_mm512_sub_ps(t, _mm512_castsi512_ps(h))));
+  return _mm512_mask_blend_epi32(_mm512_cmpeq_epi32_mask(parts, _mm512_set1_epi32(1)), h, m);
 }
 
 void pack_parts_bf16(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
