@@ -23,7 +23,8 @@
 // A set with exact bf16 products (avx512bf16, for bf16 W) changes three things: pass 1 also finds
 // each column's largest |x|, from which a plan (plan_exact) scales every column by a power of two
 // and picks the columns to centre; pass 2 multiplies an extended matrix, W's columns followed by
-// one or two extra parts of each centred column, packed as bf16 row pairs; and the covariance is
+// an extra part of each centred column, packed as bf16 row pairs, with the run sums of uncentred
+// columns with moderate means kept from drifting (see plan_exact); and the covariance is
 // assembled from the extended product's partial products, with the diagonal taken from fp64 sums
 // of squares (pass 1's for uncentred columns, the packs' for centred ones). When the plan refuses
 // (non-finite values, more than d / 4 extra columns) or W is not bf16, the set's fallback
@@ -180,14 +181,34 @@ struct ExactPlan {
   std::vector<float> scale, shift;
   std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
   std::vector<double> diag;            // sum of t^2 over the rows: from pass 1, or (centred) the packs
+  // Drift cancellation (ExactBf16::micro_shift) for uncentred columns whose mean is more than
+  // sd / 4: per column of W its shift mean mb (its scaled mean on a coarse grid, bf16; 0 for every
+  // other column), and per extended column the words of the extra pair step, bf16 of -2 G mb on
+  // the A side and bf16 of mb on the B side (G = shift_pairs; low halves, high halves zero).
+  std::vector<double> mb, mb_sd;  // mb_sd: |mean| / sd of a column with mb != 0, else 0
+  std::vector<uint32_t> shift_a, shift_b;
+  bool shifted = false;
 };
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
 // more than d / 4 extra columns (those would cost more than the faster products gain).
-// A column is centred when |mean| > sd / 2. Left uncentred, its products with another such column
-// have a mean of their own, so the fp32 run sums grow with every row and round more: the error
-// grows as the mean does (1.1x at 0.3 sd, 1.5x at 0.5 sd, 3x at 0.75 sd, 4x at 0.9 sd, measured on
-// correlated bf16 columns). A centred column's shift is its scaled mean rounded to bf16, so
+// A column is centred when |mean| > 3 sd / 4. Left uncentred, its products with another such
+// column have a mean of their own, mb_i mb_j, so each fp32 run sum drifts by that much per row and
+// rounds more as it grows (1.5x the error of centred columns at sd / 2 and 4x at 0.9 sd, measured
+// on correlated bf16 columns; about 25x at 2 sd, emulated). Drift cancellation keeps those sums small:
+// after every G = 16 pairs of rows the micro-kernel adds one more pair step, -2 G mb_i mb_j, exact
+// (bf16 products), and the driver takes the same amount out in fp64 at the end. mb is the scaled
+// mean rounded to a grid of 2^-7 of its sd (or of itself, if larger): values on a finer grid than
+// the data's would leave low bits in every run sum that the data's products do not have (an exact
+// bf16(mean) measured 3x the error of no cancellation at all on zero-mean columns). What is left
+// is the products' spread, which grows with the mean too. Measured at 151,936 x 2,560 (the demo
+// W, every column moved): 2.4e-8 at 0, 5.6e-8 at 0.73 sd, 7.6e-8 at 0.9 sd, 8.9e-8 at 0.98 sd,
+// 1.3e-7 at 1.5 sd (the fp32 avx512 set: 4.6-4.9e-8), so 3 sd / 4 keeps the worst case where it
+// was before, at sd / 2 without cancellation (5.8e-8 at 0.45 sd); columns past it are centred.
+// Columns within sd / 4 of zero keep mb = 0. A tile takes the extra steps (6 % more products) only
+// where some product of its columns' |mean| / sd exceeds 1/4, so W whose means all lie within
+// sd / 2 keeps its bits and its speed.
+// A centred column's shift is its scaled mean rounded to bf16, so
 // t = a - shift (a: x scaled) is the difference of two bf16 numbers, exact in fp32, and two parts
 // hold it: h = bf16(t), and t - h, the rounding error of a bf16 sum, is a bf16 number itself. That
 // is one extra column. (Where a and the shift lie more than 2^15 apart, fp32 rounds t, by at most
@@ -198,14 +219,16 @@ struct ExactPlan {
 // the block of columns 700 sd off zero).
 // A constant column is centred without parts: its mean is its value (an exact fp64 sum divided by
 // N), so t is 0 and costs nothing.
-bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, ExactPlan& p) {
+bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, int64_t shift_pairs,
+                ExactPlan& p) {
   p.extras.assign(d, 0);
   std::vector<char> centre(d, 0);
+  std::vector<double> var(d, 0.0);
   int64_t extras = 0;
   for (int64_t j = 0; j < d; ++j) {
     if (!std::isfinite(mean[j]) || !std::isfinite(sq[j])) return false;
-    const double var = sq[j] / static_cast<double>(n) - mean[j] * mean[j];
-    centre[j] = mean[j] != 0.0 && 4.0 * mean[j] * mean[j] > var;
+    var[j] = std::max(0.0, sq[j] / static_cast<double>(n) - mean[j] * mean[j]);
+    centre[j] = mean[j] != 0.0 && 16.0 * mean[j] * mean[j] > 9.0 * var[j];
     // Every |x| <= amax, so a mean of +-amax means every x equals it.
     if (centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = 1;
     extras += p.extras[j];
@@ -221,6 +244,16 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
   p.unscale.assign(d, 1.0);
   p.delta.assign(d, 0.0);
   p.diag.assign(d, 0.0);
+  p.mb.assign(d, 0.0);
+  p.mb_sd.assign(d, 0.0);
+  p.shift_a.assign(p.dp + pad, 0u);
+  p.shift_b.assign(p.dp + pad, 0u);
+  p.shifted = false;
+  const auto bits = [](double v) {  // v is a bf16 number
+    const c10::BFloat16 h(static_cast<float>(v));
+    TORCH_INTERNAL_ASSERT(static_cast<double>(static_cast<float>(h)) == v, "center_syrk: shift mean is not bf16");
+    return static_cast<uint32_t>(h.x);
+  };
   int64_t next = d;
   for (int64_t j = 0; j < d; ++j) {
     int e = 0;
@@ -234,6 +267,20 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
     p.delta[j] = m - static_cast<double>(p.shift[j]);
     // Uncentred (shift 0), t is x scaled exactly: the sum of its squares is pass 1's, scaled.
     if (p.shift[j] == 0.0f) p.diag[j] = sq[j] * static_cast<double>(p.scale[j]) * static_cast<double>(p.scale[j]);
+    const double sd = std::sqrt(var[j]) * static_cast<double>(p.scale[j]);
+    if (!centre[j] && m != 0.0 && 16.0 * m * m > sd * sd) {
+      // m rounded to a grid of 2^-7 of max(sd, |m|): at most 2^8 steps, so a bf16 number.
+      const double q = std::ldexp(1.0, std::max(std::ilogb(sd), std::ilogb(m)) - 7);
+      const double mb = std::nearbyint(m / q) * q;
+      // Zero below 2^-63: products of two shift means stay normal fp32 (vdpbf16ps flushes others).
+      if (std::fabs(mb) >= std::ldexp(1.0, -63)) {
+        p.mb[j] = mb;
+        p.mb_sd[j] = std::fabs(m) / sd;
+        p.shift_a[j] = bits(-2.0 * static_cast<double>(shift_pairs) * mb);
+        p.shift_b[j] = bits(mb);
+        p.shifted = true;
+      }
+    }
     p.cols[j] = static_cast<int32_t>(j);
     if (p.extras[j] > 0) {
       p.extra[j] = static_cast<int32_t>(next);
@@ -264,7 +311,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
       chosen.exact->moments(wb + r0 * row_stride + j0, row_stride, r1 - r0, j1 - j0, mean64 + j0, sq.data() + j0,
                             amax.data() + j0);
     });
-    exact = plan_exact(mean64, sq.data(), amax.data(), n, d, plan);
+    exact = plan_exact(mean64, sq.data(), amax.data(), n, d, chosen.exact->shift_pairs, plan);
   }
   const KernelSet& ks = exact ? chosen : chosen.exact != nullptr ? chosen.exact->fallback() : chosen;
   const auto pack = Typed<T>::pack(ks);
@@ -284,6 +331,22 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
                         "center_syrk: kernel set ", ks.name, " has an invalid tile or block length");
   const Triangle tri(dp, ks.mr, ks.nr);
   const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
+  // Drift cancellation: the largest |mean| / sd of the shifted columns of each A and B panel (a tile
+  // takes the extra steps when the product of its two exceeds 1/4), and how many extra steps every
+  // such tile gets in all.
+  std::vector<double> shift_pa(tri.pa, 0.0), shift_pb(tri.pb, 0.0);
+  const auto shifted_tile = [&](int64_t ia, int64_t jb) { return shift_pa[ia] * shift_pb[jb] > 0.25; };
+  int64_t shift_steps = 0;
+  if (exact && plan.shifted) {
+    for (int64_t j = 0; j < d; ++j) {
+      shift_pa[j / MR] = std::max(shift_pa[j / MR], plan.mb_sd[j]);
+      shift_pb[j / NR] = std::max(shift_pb[j / NR], plan.mb_sd[j]);
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += ks.kc) {
+      const int64_t kc = std::min(ks.kc, n - r0);
+      for (int64_t k0 = 0; k0 < kc; k0 += ks.run) shift_steps += (std::min(ks.run, kc - k0) + 1) / 2 / ks.exact->shift_pairs;
+    }
+  }
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
   if (!exact)
     for (int64_t j = 0; j < d; ++j) mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n);
@@ -381,6 +444,13 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
             const double* next = nullptr;
             if (ia + 1 < ia_end) next = c + TILE;
             else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
+            if (shifted_tile(ia, jb)) {
+              for (int64_t k0 = 0; k0 < kc; k0 += RUN)
+                ks.exact->micro_shift(std::min(RUN, kc - k0), reinterpret_cast<const float*>(a + k0 * MR * EB),
+                                      reinterpret_cast<const float*>(b + k0 * bstep), c, k0 == 0 ? next : nullptr,
+                                      plan.shift_a.data() + ia * MR, plan.shift_b.data() + jb * NR);
+              continue;
+            }
             for (int64_t k0 = 0; k0 < kc; k0 += RUN)
               ks.micro(std::min(RUN, kc - k0), reinterpret_cast<const float*>(a + k0 * MR * EB),
                        reinterpret_cast<const float*>(b + k0 * bstep), c, k0 == 0 ? next : nullptr);
@@ -396,6 +466,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   if (exact) {
     // Entry (a, b) of the extended product, a <= b or not. The diagonal comes from the packs' fp64
     // sums of squares (see syrk_avx512bf16.cpp).
+    const int64_t shift_g = ks.exact->shift_pairs;
     const auto gram = [&](int64_t a, int64_t b) {
       if (a > b) std::swap(a, b);
       return acc[(tri.first_tile[b / NR] + a / MR) * TILE + (b % NR) * MR + a % MR];
@@ -413,6 +484,8 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
           const int64_t xi = plan.extra[i], ni = plan.extras[i];
           // Every partial product of the parts of columns i and j, in a fixed order.
           double s = gram(i, j);
+          // The extra steps added shift_steps times -2 G mb_i mb_j (exact in fp64); take it out.
+          if (plan.mb[i] != 0.0 && plan.mb[j] != 0.0 && shifted_tile(i / MR, j / NR)) s += static_cast<double>(shift_steps * 2 * shift_g) * plan.mb[i] * plan.mb[j];
           for (int64_t b = 0; b < nj; ++b) s += gram(i, xj + b);
           for (int64_t a = 0; a < ni; ++a) s += gram(xi + a, j);
           for (int64_t a = 0; a < ni; ++a)

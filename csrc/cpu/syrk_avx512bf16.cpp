@@ -6,10 +6,12 @@
 // multiplied this way without losing anything, as long as the numbers multiplied are still bf16:
 //  - each column j is scaled by a power of two, 2^-e_j, from its largest |x| (exact; products then
 //    neither underflow nor overflow);
-//  - a column whose mean is small against its spread (|mean| <= sd / 2) is not centred: its values
-//    stay bf16, and the mean is taken out in fp64 at the end. Its products with other such columns
-//    then have a mean of their own and their fp32 run sums round more, up to 1.5x as much as
-//    centred ones at sd / 2 (plan_exact in center_syrk.cpp has the measurements);
+//  - a column whose mean is small against its spread (|mean| <= 3 sd / 4) is not centred: its
+//    values stay bf16, and the mean is taken out in fp64 at the end. Its products with other such
+//    columns then have a mean of their own, so their fp32 run sums drift; where that matters, every
+//    16 pairs of rows one more step adds the exact products -32 mb_i mb_j (mb: the mean on a
+//    coarse bf16 grid) and the driver takes them out in fp64 (plan_exact in center_syrk.cpp has
+//    the rule and the measurements);
 //  - a column whose mean is larger is centred on its scaled mean rounded to bf16, t = x 2^-e -
 //    shift, exact in fp32, and t is split into two bf16 parts that hold it exactly, t = h + m (the
 //    rounding error of a bf16 sum is a bf16 number). h stays in the column, m becomes an extra
@@ -208,34 +210,55 @@ inline __m512bh as_bh(__m512i x) {
 }
 
 // c[col * 48 + row] += double(fp32 sum over the kc rows (pairs of rows, the last one zero-padded) of
-// the products); a and b are pair words, B rows 48 words apart. pf as in the other sets.
-void micro_bf16(int64_t kc, const float* a_f, const float* b_f, double* c, const double* pf) {
+// the products); a and b are pair words, B rows 48 words apart. pf as in the other sets. With Shift,
+// after every SHIFT_PAIRS pairs one more step multiplies the words pa[0..48) by pb[0..8): the
+// drift-cancelling term of ExactBf16::micro_shift.
+constexpr int64_t SHIFT_PAIRS = 16;
+
+template <bool Shift>
+void micro_bf16(int64_t kc, const float* a_f, const float* b_f, double* c, const double* pf, const uint32_t* pa,
+                const uint32_t* pb) {
   const auto* a = reinterpret_cast<const __m512i*>(a_f);
   const auto* b = reinterpret_cast<const int32_t*>(b_f);
   __m512 c0[NRB], c1[NRB], c2[NRB];
 #pragma GCC unroll 8
   for (int j = 0; j < NRB; ++j) c0[j] = c1[j] = c2[j] = _mm512_setzero_ps();
-  const auto step = [&](int64_t q) __attribute__((always_inline)) {
-    const __m512bh a0 = as_bh(_mm512_load_si512(a + 3 * q)), a1 = as_bh(_mm512_load_si512(a + 3 * q + 1));
-    const __m512bh a2 = as_bh(_mm512_load_si512(a + 3 * q + 2));
+  const auto step = [&](const __m512i* av, const int32_t* bv_p) __attribute__((always_inline)) {
+    const __m512bh a0 = as_bh(_mm512_loadu_si512(av)), a1 = as_bh(_mm512_loadu_si512(av + 1));
+    const __m512bh a2 = as_bh(_mm512_loadu_si512(av + 2));
 #pragma GCC unroll 8
     for (int j = 0; j < NRB; ++j) {
-      const __m512bh bv = as_bh(_mm512_set1_epi32(b[q * MRB + j]));
+      const __m512bh bv = as_bh(_mm512_set1_epi32(bv_p[j]));
       c0[j] = _mm512_dpbf16_ps(c0[j], a0, bv);
       c1[j] = _mm512_dpbf16_ps(c1[j], a1, bv);
       c2[j] = _mm512_dpbf16_ps(c2[j], a2, bv);
     }
   };
+  const auto pair_step = [&](int64_t q) __attribute__((always_inline)) { step(a + 3 * q, b + q * MRB); };
+  const auto* sa = reinterpret_cast<const __m512i*>(pa);
+  const auto* sb = reinterpret_cast<const int32_t*>(pb);
   const int64_t pairs = (kc + 1) / 2;
   int64_t q = 0;
   if (pf != nullptr) {
     constexpr int64_t lines = MRB * NRB / 8;
     for (; q < pairs && q < lines; ++q) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + 8 * q), _MM_HINT_T0);
-      step(q);
+      pair_step(q);
+      if (Shift && (q + 1) % SHIFT_PAIRS == 0) step(sa, sb);
     }
   }
-  for (; q < pairs; ++q) step(q);
+  if (Shift) {
+    // Finish the current group of SHIFT_PAIRS, then whole groups, then the rest.
+    for (; q < pairs && q % SHIFT_PAIRS != 0; ++q) {
+      pair_step(q);
+      if ((q + 1) % SHIFT_PAIRS == 0) step(sa, sb);
+    }
+    for (; q + SHIFT_PAIRS <= pairs; q += SHIFT_PAIRS) {
+      for (int64_t g = 0; g < SHIFT_PAIRS; ++g) pair_step(q + g);
+      step(sa, sb);
+    }
+  }
+  for (; q < pairs; ++q) pair_step(q);
 #pragma GCC unroll 8
   for (int j = 0; j < NRB; ++j) {
     add16_f64(c + j * MRB, c0[j]);
@@ -244,7 +267,16 @@ void micro_bf16(int64_t kc, const float* a_f, const float* b_f, double* c, const
   }
 }
 
-const ExactBf16 exact_ops{moments_bf16, pack_bf16, pack_parts_bf16, avx512_kernels};
+void micro_plain(int64_t kc, const float* a, const float* b, double* c, const double* pf) {
+  micro_bf16<false>(kc, a, b, c, pf, nullptr, nullptr);
+}
+
+void micro_shifted(int64_t kc, const float* a, const float* b, double* c, const double* pf, const uint32_t* pa,
+                   const uint32_t* pb) {
+  micro_bf16<true>(kc, a, b, c, pf, pa, pb);
+}
+
+const ExactBf16 exact_ops{moments_bf16, pack_bf16, pack_parts_bf16, micro_shifted, SHIFT_PAIRS, avx512_kernels};
 
 }  // namespace
 
@@ -263,7 +295,7 @@ const KernelSet& avx512bf16_kernels() {
     s.nr = NRB;
     s.kc = 256;
     s.b_in_a = true;
-    s.micro = micro_bf16;
+    s.micro = micro_plain;
     s.run = 256;  // 5 % faster than 128 (fewer fp64 additions); error 2.5e-8 instead of 2.3e-8
     s.kalign = 2;
     s.pack_bytes = 2;

@@ -40,6 +40,13 @@ struct ExactBf16 {
   void (*pack_parts)(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
                      const int32_t* parts, const float* scale, const float* shift, int64_t width, int64_t panel,
                      void* dst, double* sq);
+  // micro with drift cancellation: the same sums, except that after every shift_pairs pairs of
+  // rows one more pair step adds the products of the words pa[0..mr) (the A panel's columns) and
+  // pb[0..nr) (the B panel's), so each sum also holds (pairs / shift_pairs) times those products
+  // (pairs = (kc + 1) / 2). Used where those words are not all zero (see plan_exact).
+  void (*micro_shift)(int64_t kc, const float* a, const float* b, double* c, const double* pf, const uint32_t* pa,
+                      const uint32_t* pb);
+  int64_t shift_pairs;
   // The set that takes over when W is not bf16, or when too many of its columns would need parts.
   const KernelSet& (*fallback)();
 };
