@@ -135,6 +135,60 @@ def test_center_syrk_subnormal_fp16_columns(kernel):
     assert rel_fro(cov, c64) < 4e-8  # 1.2e-7 with the spacing of normal numbers
 
 
+def discrete_w(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind.startswith("binary"):
+        return (torch.rand(n, d, generator=g) < float(kind.split("=")[1])).double()
+    if kind == "integers 0..6":
+        return torch.randint(0, 7, (n, d), generator=g).double()
+    if kind == "integers -3..40":
+        return torch.randint(-3, 41, (n, d), generator=g).double()
+    # Half the columns 0/1 indicators, half continuous.
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, ::2] = (torch.rand(n, (d + 1) // 2, generator=g) < 0.3).double()
+    return X
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["binary p=0.1", "binary p=0.4", "integers 0..6", "integers -3..40", "mixed"])
+def test_center_syrk_discrete_columns(kernel, dtype, kind):
+    """Columns on a coarse grid of their own (0/1 indicators, small integers): centred on fp32(mean)
+    every row carried the same long remainder and the fp32 sums rounded with a bias (6.8-8.5e-7
+    for 0/1 columns, 1.1-3.7e-7 for small integers, every dtype); centred on the mean rounded to
+    their grid (found in a sample of rows), the products and sums are exact: 1.8-2.8e-8."""
+    W = discrete_w(kind, 20000, 64, 7).to(dtype)
+    mu64, c64 = cov64(W)
+    mean, cov = native_cov(W)
+    assert torch.equal(cov, cov.T)
+    assert rel_fro(cov, c64) < 5e-8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0.0, 0.7, 12.0])
+def test_center_syrk_variances_are_unbiased(kernel, dtype, offset):
+    """Columns centred on a short value (the sd grid of centre.h) have x - centre with few bits,
+    whose squares' low bits are biased: their fp32 sums would round low. Their variances come from
+    fp64 sums instead; the bias stays far below fp32's own rounding."""
+    W = make_w(40000, 64, dtype, offset_sigmas=offset)
+    _, c64 = cov64(W)
+    _, cov = native_cov(W)
+    rel = (torch.diagonal(cov).double() - torch.diagonal(c64)) / torch.diagonal(c64)
+    assert abs(float(rel.mean())) < 1.5e-8
+    assert float(rel.abs().max()) < 1e-7
+
+
+def test_bf16_set_binary_columns_past_the_centring_limit(bf16_set):
+    """0/1 columns with p = 0.4 sit 0.82 sd off zero: all centred, more than d / 4 extra columns,
+    so the fp32 set runs them; it centres them on their grid and stays exact (it gave 7.6e-7)."""
+    import refframe
+
+    W = discrete_w("binary p=0.4", 20000, 64, 9).to(torch.bfloat16)
+    _, c64 = cov64(W)
+    _, cov = native_cov(W)
+    assert refframe.last_cpu_covariance() == ("avx512", 64)
+    assert rel_fro(cov, c64) < 5e-8
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_center_syrk_strided(kernel, dtype):
     base = make_w(1500, 120, dtype, offset_sigmas=20.0)

@@ -348,8 +348,14 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     }
   }
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
+  // Columns centred on the sd grid (centre.h) take their variance from the fp64 sums of pass 1.
+  std::vector<char> fp64_var(d, 0);
   if (!exact)
-    for (int64_t j = 0; j < d; ++j) mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n);
+    for (int64_t j = 0; j < d; ++j) {
+      bool on_grid = false;
+      mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n, true, &on_grid);
+      fp64_var[j] = on_grid;
+    }
 
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const auto items = make_items(tri, ks.mc_cols, ks.jb_cols, nthreads);
@@ -512,7 +518,8 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
             // (mean64 - mean32)(mean64 - mean32)^T that this adds to the sums.
             const double di = mean64[i] - static_cast<double>(mean32[i]);
             const double dj = mean64[j] - static_cast<double>(mean32[j]);
-            const float v = static_cast<float>(tile[c * MR + r] * inv_n - di * dj);
+            const float v = i == j && fp64_var[j] ? static_cast<float>(sq[j] * inv_n - mean64[j] * mean64[j])
+                                                  : static_cast<float>(tile[c * MR + r] * inv_n - di * dj);
             cov[i * d + j] = v;
             cov[j * d + i] = v;
           }
