@@ -10,7 +10,8 @@
 // AVX2 and 48 x 8 AVX-512 tiles, where AVX-512 reads B from the A panels; split bf16 tiles for the
 // 16 x 32 AMX tile), then MR x NR tiles of the upper triangle accumulate RUN rows of products at a
 // time in fp32 and add them into an fp64 tile accumulator. So no fp32 or centred copy of W exists,
-// only one triangle is computed, and no fp32 sum is longer than RUN terms (128, AMX 256; relative
+// only one triangle is computed, and no fp32 sum is longer than RUN terms (128; AMX and avx512bf16
+// 256, plus 8 drift-cancelling terms on some avx512bf16 tiles; relative
 // error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
 //
 // Threads split the triangle's tiles (not the rows), taking work items as they become free, and

@@ -18,13 +18,13 @@
 //    column of the matrix multiplied, so the extended product holds every partial product h h',
 //    h m', m h', m m', and the driver adds them in fp64.
 // The diagonal is not taken from the products: the squares of bf16 numbers have biased low bits
-// (squares modulo 2^k take only some values), so their fp32 sums round low, by about 1.5e-7 of the
-// sum for runs of 128 rows. It comes from fp64 sums of t^2 instead: for an uncentred column t is x
+// (squares modulo 2^k take only some values), so their fp32 sums round low (by about 1.5e-7 of the
+// sum, measured with runs of 128 rows). It comes from fp64 sums of t^2 instead: for an uncentred column t is x
 // scaled, so pass 1's sum of x^2 serves; the packs add t^2 of centred columns as they convert.
 // The driver (center_syrk.cpp) takes the fp32 avx512 set instead when W is not bf16, or when there
 // would be more than d / 4 extra columns (they would cost more than the doubled rate gains).
 //
-// The fp32 sums of 256 rows (128 vdpbf16ps) are added into fp64 as in the other sets, so the result
+// The fp32 sums of 256 rows (128 vdpbf16ps, 136 with the drift-cancelling steps) are added into fp64 as in the other sets, so the result
 // is bitwise the same for any thread count; it is not the fp32 sets' bits (different products,
 // different sums).
 // Note that vdpbf16ps treats bf16 subnormal inputs and fp32 subnormal results as zero; after the

@@ -33,8 +33,8 @@ struct ExactBf16 {
   // sq[c] += the sum of t^2 over the rows, in fp64 in row order.
   void (*pack)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* scale, const float* shift,
                int64_t width, int64_t panel, void* dst, double* sq);
-  // The same for any columns: column c of the panel is part parts[c] (0, 1, 2: h, m, l of
-  // t = h + m + l, h = bf16(t), m = bf16(t - h), l = bf16(t - h - m)) of column cols[c] of the rows
+  // The same for any columns: column c of the panel is part parts[c] (0 or 1: h or m of
+  // t = h + m, h = bf16(t), m = t - h, itself a bf16 number) of column cols[c] of the rows
   // starting at row0; scale, shift and sq (added to for centred part-0 columns only) are indexed by
   // that column. Part 0 gives pack's bits.
   void (*pack_parts)(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
@@ -43,7 +43,7 @@ struct ExactBf16 {
   // micro with drift cancellation: the same sums, except that after every shift_pairs pairs of
   // rows one more pair step adds the products of the words pa[0..mr) (the A panel's columns) and
   // pb[0..nr) (the B panel's), so each sum also holds (pairs / shift_pairs) times those products
-  // (pairs = (kc + 1) / 2). Used where those words are not all zero (see plan_exact).
+  // (pairs = (kc + 1) / 2). Used on the tiles the driver picks (see plan_exact).
   void (*micro_shift)(int64_t kc, const float* a, const float* b, double* c, const double* pf, const uint32_t* pa,
                       const uint32_t* pb);
   int64_t shift_pairs;
