@@ -2,9 +2,9 @@
 // kernel sets and the CUDA kernel; x - centre is formed in fp32 and the mean's remainder, mean -
 // centre, is taken out in fp64 at the end, so any centre gives the covariance, some more precisely).
 //
-// On CUDA usually fp32(mean), whose 24 bits mostly make the rows' low bits irregular (not always:
-// one randn bf16 column with a mean of -1.22e-4 kept a 4.3e-7 variance error); the CPU sets use the
-// sd grid described further down instead, with fp64 variances. A column far from zero
+// Usually fp32(mean), whose 24 bits mostly make the rows' low bits irregular (not always: one randn
+// bf16 column with a mean of -1.22e-4 kept a 4.3e-7 variance error, which the CPU sets' fp64
+// variances below remove). A column far from zero
 // for its spread is different: its values lie on the input type's grid near the mean, coarse compared
 // with the spread, and centred on fp32(mean) every row carries the same fp32 remainder; the fp32
 // sums of such rows' products then round with a bias, 2-8e-7 of the covariance when many columns
@@ -33,18 +33,18 @@ constexpr int min_spacing_exp = std::is_same_v<T, float> ? -149 : std::is_same_v
 
 // mean: the exact column mean; sq: the sum of x^2 over the column's n values (fp64).
 //
-// With sd_grid (the CPU sets), a column within 16 sd of zero that the rule above leaves on
-// fp32(mean) is centred on its mean rounded to a grid of sd / 128 to sd / 64 instead, and
-// *on_sd_grid is set: its x - centre then carry only the values' own low bits, with no remainder
-// shared by every row. Values on a coarse grid of their own (0/1 indicators, small integers) give
-// short x - centre and exact products and run sums, where fp32(mean) biased them (6.8-8.5e-7 for
-// 0/1 columns, 1.1-3.7e-7 for small integers), and so do their products with other columns
-// (a shared remainder times 0/1 survives intact). The squares of such short values have biased low
-// bits, so the caller takes those columns' variances from fp64 sums instead (sq / n - mean^2, which
-// loses at most (mean / sd)^2 = 256 times fp64's rounding here).
+// With sd_grid (the CPU sets), for a column within 16 sd of zero that the rule above leaves on
+// fp32(mean), *on_sd_grid is set: the caller takes its variance from fp64 sums (sq / n - mean^2,
+// which loses at most 257 times fp64's rounding here). And where every value seen of the column
+// is a multiple of grid (a power of two from a sample of rows) and grid >= sd / 64 (0/1
+// indicators, small integers), the centre is the mean rounded to that grid: x - centre is a short
+// multiple of it, and products and run sums are exact or nearly so, where fp32(mean) gave every
+// row the same long remainder and biased them (6.8-8.5e-7 for 0/1 columns, 1.1-3.7e-7 for small
+// integers). Continuous columns keep fp32(mean): centred on a short value, their squares' biased
+// low bits would show, also in the products of a column with a copy of itself.
 template <typename T>
 C10_HOST_DEVICE inline float centre_of(double mean, double sq, int64_t n, bool sd_grid = false,
-                                       bool* on_sd_grid = nullptr) {
+                                       bool* on_sd_grid = nullptr, double grid = 0.0) {
   if (on_sd_grid != nullptr) *on_sd_grid = false;
   const auto fp32_mean = static_cast<float>(mean);
   const auto coarse = static_cast<float>(static_cast<T>(fp32_mean));
@@ -57,11 +57,9 @@ C10_HOST_DEVICE inline float centre_of(double mean, double sq, int64_t n, bool s
   const double spacing = std::ldexp(1.0, spacing_exp > min_spacing_exp<T> ? spacing_exp : min_spacing_exp<T>);
   if (128.0 * spacing >= sd) return coarse;
   if (sd_grid && sd > 0.0 && std::fabs(mean) <= 16.0 * sd) {
-    int se = 0;
-    std::frexp(sd, &se);  // sd = f 2^se, f in [0.5, 1)
-    const double grid = std::ldexp(1.0, se - 7);
     if (on_sd_grid != nullptr) *on_sd_grid = true;
-    return static_cast<float>(std::floor(mean / grid + 0.5) * grid);  // at most 2^12 steps: exact
+    // grid >= sd / 64: at most 2^11 steps to the mean, so the rounded mean is exact in fp32.
+    if (grid > 0.0 && 64.0 * grid >= sd) return static_cast<float>(std::floor(mean / grid + 0.5) * grid);
   }
   return fp32_mean;
 }

@@ -38,7 +38,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -147,6 +149,35 @@ void column_moments(const T* w, int64_t n, int64_t d, int64_t row_stride, const 
   column_pass(n, d, mean, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
     for (int64_t r = r0; r < r1; ++r) accumulate(w + r * row_stride + j0, j1 - j0, mean + j0, sq + j0);
   });
+}
+
+// The finest power-of-two grid of each column's values in an even sample of up to 4,096 rows (0
+// where the sample is all zero), for centre_of (centre.h): columns of 0/1 indicators or small
+// integers are centred on that grid. A sample is enough: the centre only steers rounding.
+template <typename T>
+void sample_grid(const T* w, int64_t n, int64_t d, int64_t row_stride, std::vector<double>& grid) {
+  const int64_t step = std::max<int64_t>(1, n / 4096);
+  std::vector<int> lsb(d, std::numeric_limits<int>::max());
+  at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
+    const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
+    for (int64_t r = 0; r < n; r += step) {
+      const T* row = w + r * row_stride;
+      for (int64_t j = j0; j < j1; ++j) {
+        uint32_t u;
+        const float x = static_cast<float>(row[j]);
+        std::memcpy(&u, &x, sizeof u);
+        const uint32_t ex = (u >> 23) & 0xFFu, man = u & 0x7FFFFFu;
+        if ((u & 0x7FFFFFFFu) == 0 || ex == 0xFFu) continue;
+        // |x| = M 2^(E - 150), M the 24-bit significand with its implicit bit (subnormals: E = 1).
+        const uint32_t m = ex == 0 ? man : (man | 0x800000u);
+        const int v = (ex == 0 ? -149 : static_cast<int>(ex) - 150) + __builtin_ctz(m);
+        lsb[j] = std::min(lsb[j], v);
+      }
+    }
+  });
+  grid.assign(d, 0.0);
+  for (int64_t j = 0; j < d; ++j)
+    if (lsb[j] != std::numeric_limits<int>::max()) grid[j] = std::ldexp(1.0, lsb[j]);
 }
 
 // Owns the progress counters from the start of a call to its end, however it ends.
@@ -351,12 +382,15 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
   // Columns centred on the sd grid (centre.h) take their variance from the fp64 sums of pass 1.
   std::vector<char> fp64_var(d, 0);
-  if (!exact)
+  if (!exact) {
+    std::vector<double> grid;
+    sample_grid(w, n, d, row_stride, grid);
     for (int64_t j = 0; j < d; ++j) {
       bool on_grid = false;
-      mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n, true, &on_grid);
+      mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n, true, &on_grid, grid[j]);
       fp64_var[j] = on_grid;
     }
+  }
 
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   const auto items = make_items(tri, ks.mc_cols, ks.jb_cols, nthreads);
