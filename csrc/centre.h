@@ -33,9 +33,9 @@ constexpr int min_spacing_exp = std::is_same_v<T, float> ? -149 : std::is_same_v
 
 // mean: the exact column mean; sq: the sum of x^2 over the column's n values (fp64).
 //
-// With sd_grid (the CPU sets), for a column within 16 sd of zero that the rule above leaves on
-// fp32(mean), *on_sd_grid is set: the caller takes its variance from fp64 sums (sq / n - mean^2,
-// which loses at most 257 times fp64's rounding here). And where every value seen of the column
+// With fp64_variance (the CPU sets; CUDA passes none), for a column within 16 sd of zero that the
+// rule above leaves on fp32(mean), *fp64_variance is set: the caller takes its variance from fp64
+// sums (sq / n - mean^2, which loses at most 257 times fp64's rounding here). And where every value seen of the column
 // is a multiple of grid (a power of two from a sample of rows) and grid >= sd / 64 (0/1
 // indicators, small integers), the centre is the mean rounded to that grid: x - centre is a short
 // multiple of it, and products and run sums are exact or nearly so, where fp32(mean) gave every
@@ -43,9 +43,9 @@ constexpr int min_spacing_exp = std::is_same_v<T, float> ? -149 : std::is_same_v
 // integers). Continuous columns keep fp32(mean): centred on a short value, their squares' biased
 // low bits would show, also in the products of a column with a copy of itself.
 template <typename T>
-C10_HOST_DEVICE inline float centre_of(double mean, double sq, int64_t n, bool sd_grid = false,
-                                       bool* on_sd_grid = nullptr, double grid = 0.0) {
-  if (on_sd_grid != nullptr) *on_sd_grid = false;
+C10_HOST_DEVICE inline float centre_of(double mean, double sq, int64_t n, double grid = 0.0,
+                                       bool* fp64_variance = nullptr) {
+  if (fp64_variance != nullptr) *fp64_variance = false;
   const auto fp32_mean = static_cast<float>(mean);
   const auto coarse = static_cast<float>(static_cast<T>(fp32_mean));
   const double var = sq / static_cast<double>(n) - mean * mean;
@@ -56,8 +56,8 @@ C10_HOST_DEVICE inline float centre_of(double mean, double sq, int64_t n, bool s
   const int spacing_exp = e - significand_bits<T>;
   const double spacing = std::ldexp(1.0, spacing_exp > min_spacing_exp<T> ? spacing_exp : min_spacing_exp<T>);
   if (128.0 * spacing >= sd) return coarse;
-  if (sd_grid && sd > 0.0 && std::fabs(mean) <= 16.0 * sd) {
-    if (on_sd_grid != nullptr) *on_sd_grid = true;
+  if (fp64_variance != nullptr && sd > 0.0 && std::fabs(mean) <= 16.0 * sd) {
+    *fp64_variance = true;
     // grid >= sd / 64: at most 2^11 steps to the mean, so the rounded mean is exact in fp32.
     if (grid > 0.0 && 64.0 * grid >= sd) return static_cast<float>(std::floor(mean / grid + 0.5) * grid);
   }

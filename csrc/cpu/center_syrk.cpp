@@ -219,7 +219,6 @@ struct ExactPlan {
   // the A side and bf16 of mb on the B side (G = shift_pairs; low halves, high halves zero).
   std::vector<double> mb, mb_sd;  // mb_sd: |mean| / sd of a column with mb != 0, else 0
   std::vector<uint32_t> shift_a, shift_b;
-  bool shifted = false;
 };
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
@@ -280,7 +279,6 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
   p.mb_sd.assign(d, 0.0);
   p.shift_a.assign(p.dp + pad, 0u);
   p.shift_b.assign(p.dp + pad, 0u);
-  p.shifted = false;
   const auto bits = [](double v) {  // v is a bf16 number
     const c10::BFloat16 h(static_cast<float>(v));
     TORCH_INTERNAL_ASSERT(static_cast<double>(static_cast<float>(h)) == v, "center_syrk: shift mean is not bf16");
@@ -310,7 +308,6 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
         p.mb_sd[j] = std::fabs(m) / sd;
         p.shift_a[j] = bits(-2.0 * static_cast<double>(shift_pairs) * mb);
         p.shift_b[j] = bits(mb);
-        p.shifted = true;
       }
     }
     p.cols[j] = static_cast<int32_t>(j);
@@ -369,7 +366,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
   std::vector<double> shift_pa(tri.pa, 0.0), shift_pb(tri.pb, 0.0);
   const auto shifted_tile = [&](int64_t ia, int64_t jb) { return shift_pa[ia] * shift_pb[jb] > 0.25; };
   int64_t shift_steps = 0;
-  if (exact && plan.shifted) {
+  if (exact && std::any_of(plan.mb.begin(), plan.mb.end(), [](double v) { return v != 0.0; })) {
     for (int64_t j = 0; j < d; ++j) {
       shift_pa[j / MR] = std::max(shift_pa[j / MR], plan.mb_sd[j]);
       shift_pb[j / NR] = std::max(shift_pb[j / NR], plan.mb_sd[j]);
@@ -380,15 +377,15 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     }
   }
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
-  // Columns centred on the sd grid (centre.h) take their variance from the fp64 sums of pass 1.
+  // Columns within 16 sd of zero (centre.h) take their variance from the fp64 sums of pass 1.
   std::vector<char> fp64_var(d, 0);
   if (!exact) {
     std::vector<double> grid;
     sample_grid(w, n, d, row_stride, grid);
     for (int64_t j = 0; j < d; ++j) {
-      bool on_grid = false;
-      mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n, true, &on_grid, grid[j]);
-      fp64_var[j] = on_grid;
+      bool from_fp64 = false;
+      mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n, grid[j], &from_fp64);
+      fp64_var[j] = from_fp64;
     }
   }
 
@@ -485,16 +482,17 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
             const double* next = nullptr;
             if (ia + 1 < ia_end) next = c + TILE;
             else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
-            if (shifted_tile(ia, jb)) {
-              for (int64_t k0 = 0; k0 < kc; k0 += RUN)
-                ks.exact->micro_shift(std::min(RUN, kc - k0), reinterpret_cast<const float*>(a + k0 * MR * EB),
-                                      reinterpret_cast<const float*>(b + k0 * bstep), c, k0 == 0 ? next : nullptr,
-                                      plan.shift_a.data() + ia * MR, plan.shift_b.data() + jb * NR);
-              continue;
+            const bool shift = shifted_tile(ia, jb);
+            for (int64_t k0 = 0; k0 < kc; k0 += RUN) {
+              const auto* ak = reinterpret_cast<const float*>(a + k0 * MR * EB);
+              const auto* bk = reinterpret_cast<const float*>(b + k0 * bstep);
+              const double* pf = k0 == 0 ? next : nullptr;
+              if (shift)
+                ks.exact->micro_shift(std::min(RUN, kc - k0), ak, bk, c, pf, plan.shift_a.data() + ia * MR,
+                                      plan.shift_b.data() + jb * NR);
+              else
+                ks.micro(std::min(RUN, kc - k0), ak, bk, c, pf);
             }
-            for (int64_t k0 = 0; k0 < kc; k0 += RUN)
-              ks.micro(std::min(RUN, kc - k0), reinterpret_cast<const float*>(a + k0 * MR * EB),
-                       reinterpret_cast<const float*>(b + k0 * bstep), c, k0 == 0 ? next : nullptr);
           }
         }
       }
@@ -526,7 +524,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
           // Every partial product of the parts of columns i and j, in a fixed order.
           double s = gram(i, j);
           // The extra steps added shift_steps times -2 G mb_i mb_j (exact in fp64); take it out.
-          if (plan.mb[i] != 0.0 && plan.mb[j] != 0.0 && shifted_tile(i / MR, j / NR)) s += static_cast<double>(shift_steps * 2 * shift_g) * plan.mb[i] * plan.mb[j];
+          if (shifted_tile(i / MR, j / NR)) s += static_cast<double>(shift_steps * 2 * shift_g) * plan.mb[i] * plan.mb[j];
           for (int64_t b = 0; b < nj; ++b) s += gram(i, xj + b);
           for (int64_t a = 0; a < ni; ++a) s += gram(xi + a, j);
           for (int64_t a = 0; a < ni; ++a)

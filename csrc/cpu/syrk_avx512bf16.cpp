@@ -248,11 +248,8 @@ void micro_bf16(int64_t kc, const float* a_f, const float* b_f, double* c, const
     }
   }
   if (Shift) {
-    // Finish the current group of SHIFT_PAIRS, then whole groups, then the rest.
-    for (; q < pairs && q % SHIFT_PAIRS != 0; ++q) {
-      pair_step(q);
-      if ((q + 1) % SHIFT_PAIRS == 0) step(sa, sb);
-    }
+    // Whole groups of SHIFT_PAIRS (the prefetching loop stops at a group's end), then the rest.
+    static_assert(MRB * NRB / 8 % SHIFT_PAIRS == 0, "the prefetching loop must end a group");
     for (; q + SHIFT_PAIRS <= pairs; q += SHIFT_PAIRS) {
       for (int64_t g = 0; g < SHIFT_PAIRS; ++g) pair_step(q + g);
       step(sa, sb);
