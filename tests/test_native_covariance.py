@@ -186,6 +186,74 @@ def test_center_syrk_copied_columns(kernel, dtype):
     assert rel_fro(cov, c64) < max(bound, 6e-8)
 
 
+def repeated_rows_w(kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """W with runs of identical consecutive rows (a vocabulary's padded or reserved tokens)."""
+    g = torch.Generator().manual_seed(31)
+    n, d = 30000, 100
+    X = make_w(n, d, torch.float64, seed=5)
+    X += torch.randn(d, generator=g, dtype=torch.float64) * 0.01  # means about sd / 2
+    v = make_w(2, d, torch.float64, seed=6)
+    if kind == "padded tail":  # the last third of the rows: one row
+        X[-n // 3 :] = v[0]
+    elif kind == "zero rows":  # zeros: after centring, identical non-zero rows
+        X[-n // 20 :] = 0.0
+    elif kind == "runs across blocks":
+        # Odd starts and ends, runs across the 128/256/512-row blocks and runs, one row in several
+        # runs, another of its own, one run below the 8-row minimum.
+        for a, b, row in [(127, 140, 0), (255, 3771, 1), (5001, 5010, 0), (9001, 9008, 1), (20479, 24577, 0)]:
+            X[a:b] = v[row]
+    elif kind == "many distinct rows":  # more repeated rows than are taken out (64)
+        for r in range(100):
+            X[200 * r : 200 * r + 40] = X[200 * r]
+    elif kind == "one row":
+        X[:] = v[0]
+    return X.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["padded tail", "zero rows", "runs across blocks", "many distinct rows", "one row"])
+def test_center_syrk_runs_of_identical_rows(kernel, dtype, kind):
+    """Runs of identical rows add the same products again and again, so fp32 run sums of them do not
+    cancel their rounding (the padded tail gave 5.9e-7); the driver takes them out of the packs and
+    adds them in fp64."""
+    W = repeated_rows_w(kind, dtype)
+    _, c64 = cov64(W)
+    _, cov = native_cov(W)
+    assert torch.equal(cov, cov.T)
+    if kind == "one row":
+        assert float(cov.abs().max()) == 0.0
+    else:
+        assert rel_fro(cov, c64) < 5e-8
+
+
+@pytest.mark.parametrize("kernel", BITWISE_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp32_kernel_sets_are_bitwise_identical_with_repeated_rows(monkeypatch, kernel, dtype):
+    from refframe import _C
+
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", kernel)
+    if _C.cpu_kernel() != kernel:
+        pytest.skip(f"this CPU cannot run the {kernel} kernel set")
+    W = repeated_rows_w("runs across blocks", dtype)
+    fast = native_cov(W)
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
+    slow = native_cov(W)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_repeated_rows_deterministic_across_threads(kernel):
+    W = repeated_rows_w("runs across blocks", torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 2):
+            torch.set_num_threads(n)
+            results.append(native_cov(W)[1])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 0.7, 12.0])
 def test_center_syrk_variances_are_unbiased(kernel, dtype, offset):
