@@ -205,13 +205,20 @@ def repeated_rows_w(kind: str, dtype: torch.dtype) -> torch.Tensor:
     elif kind == "many distinct rows":  # more repeated rows than are taken out (64)
         for r in range(100):
             X[200 * r : 200 * r + 40] = X[200 * r]
+    elif kind == "short runs, then a padded tail":  # 300 different rows in 8-row runs come first
+        for r in range(300):
+            X[8 * r : 8 * r + 8] = X[8 * r]
+        X[-n // 3 :] = v[0]
     elif kind == "one row":
         X[:] = v[0]
     return X.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["padded tail", "zero rows", "runs across blocks", "many distinct rows", "one row"])
+@pytest.mark.parametrize(
+    "kind",
+    ["padded tail", "zero rows", "runs across blocks", "many distinct rows", "short runs, then a padded tail", "one row"],
+)
 def test_center_syrk_runs_of_identical_rows(kernel, dtype, kind):
     """Runs of identical rows add the same products again and again, so fp32 run sums of them do not
     cancel their rounding (the padded tail gave 5.9e-7); the driver takes them out of the packs and

@@ -48,6 +48,7 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
@@ -188,10 +189,11 @@ void sample_grid(const T* w, int64_t n, int64_t d, int64_t row_stride, std::vect
 // of zeros, a row repeated. In such a run a product is the same number in every row, so an fp32
 // run sum adds that number to itself again and again and its rounding errors do not cancel: 1/3 of
 // W in one run gave 5.9e-7 on the fp32 sets, 1 % of it 1.2e-7. The driver leaves these rows out of
-// the packs (zeros) and adds k u u^T in fp64 instead (u the row as the packs would hold it, k the
+// the packs (zeros) and adds k u u^T in fp64 instead (u the row centred as the packs centre it, k the
 // rows of every run of that row). Runs shorter than MIN_RUN rows are left in; of the distinct rows
-// that runs repeat, the MAX_ROWS with the most rows in runs are taken (each costs d^2 / 2 fp64
-// products at the end), runs of the others stay in the packs.
+// that runs repeat, those with MIN_COUNT or more rows in runs are taken, at most MAX_ROWS, the
+// ones with the most (each costs d^2 / 2 fp64 products at the end); runs of the others stay in the
+// packs (a few short runs of different rows do not show: 750 runs of 8 rows, 3.0e-8).
 struct RowRun {
   int64_t begin, end;
   int64_t row;  // its index in RowRuns::rows
@@ -201,6 +203,7 @@ struct RowRuns {
   std::vector<int64_t> rows, count;  // per distinct row: a row of W that holds it, and k
 };
 constexpr int64_t MIN_RUN = 8;
+constexpr int64_t MIN_COUNT = 32;
 constexpr int64_t MAX_ROWS = 64;
 template <typename T>
 RowRuns identical_runs(const T* w, int64_t n, int64_t d, int64_t row_stride) {
@@ -215,28 +218,53 @@ RowRuns identical_runs(const T* w, int64_t n, int64_t d, int64_t row_stride) {
     for (int64_t r = b; r < e; ++r) same[r] = equal(r, r - 1);
   });
   std::vector<RowRun> runs;
-  std::vector<int64_t> rows, count;
   for (int64_t r = 0; r < n;) {
     int64_t e = r + 1;
     while (e < n && same[e]) ++e;
-    if (e - r >= MIN_RUN) {
-      // Which distinct row it repeats: one seen before, or a new one (a bounded number of them).
-      int64_t v = 0;
-      while (v < static_cast<int64_t>(rows.size()) && !equal(rows[v], r)) ++v;
-      if (v == static_cast<int64_t>(rows.size()) && v < 4 * MAX_ROWS) {
-        rows.push_back(r);
-        count.push_back(0);
-      }
-      if (v < static_cast<int64_t>(rows.size())) {
-        count[v] += e - r;
-        runs.push_back({r, e, v});
-      }
-    }
+    if (e - r >= MIN_RUN) runs.push_back({r, e, -1});
     r = e;
   }
-  // The MAX_ROWS distinct rows with the most rows in runs (ties: the first seen), in order seen.
-  std::vector<int64_t> order(rows.size());
-  for (size_t v = 0; v < order.size(); ++v) order[v] = static_cast<int64_t>(v);
+  // Which distinct row each run repeats: runs are grouped by a hash of their row, and a run joins
+  // a row of its group only if their bytes are equal (one comparison in the usual case).
+  const auto nr = static_cast<int64_t>(runs.size());
+  std::vector<uint64_t> hash(nr);
+  at::parallel_for(0, nr, 16, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const auto* bytes = reinterpret_cast<const unsigned char*>(row(runs[q].begin));
+      uint64_t h = 0x9E3779B97F4A7C15ull;
+      for (size_t i = 0; i < d * sizeof(T); i += 8) {
+        uint64_t word = 0;
+        std::memcpy(&word, bytes + i, std::min<size_t>(8, d * sizeof(T) - i));
+        h = (h ^ word) * 0xFF51AFD7ED558CCDull;
+        h ^= h >> 32;
+      }
+      hash[q] = h;
+    }
+  });
+  std::vector<int64_t> rows, count;
+  std::unordered_map<uint64_t, std::vector<int64_t>> by_hash;
+  for (int64_t q = 0; q < nr; ++q) {
+    std::vector<int64_t>& group = by_hash[hash[q]];
+    int64_t v = -1;
+    for (const int64_t u : group)
+      if (equal(rows[u], runs[q].begin)) {
+        v = u;
+        break;
+      }
+    if (v < 0) {
+      v = static_cast<int64_t>(rows.size());
+      group.push_back(v);
+      rows.push_back(runs[q].begin);
+      count.push_back(0);
+    }
+    count[v] += runs[q].end - runs[q].begin;
+    runs[q].row = v;
+  }
+  // Of the distinct rows with MIN_COUNT rows in runs or more, the MAX_ROWS with the most (ties: the
+  // first seen), in order seen.
+  std::vector<int64_t> order;
+  for (size_t v = 0; v < rows.size(); ++v)
+    if (count[v] >= MIN_COUNT) order.push_back(static_cast<int64_t>(v));
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return count[x] > count[y]; });
   if (order.size() > static_cast<size_t>(MAX_ROWS)) order.resize(MAX_ROWS);
   std::sort(order.begin(), order.end());
@@ -460,8 +488,9 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     }
   }
   // Runs of identical rows (identical_runs), for the sets whose packs the driver can blank (fp32
-  // rows, or the exact set's bf16 row pairs): per distinct row and column, u (the row as the packs
-  // would hold it: x - centre, or x scale - shift) and k u (k: its rows in runs), exact in fp64.
+  // rows, or the exact set's bf16 row pairs): per distinct row and column, u (the row centred as
+  // the packs centre it, x - centre or x scale - shift, here unrounded) and k u (k: its rows in
+  // runs), in fp64.
   const bool blankable = exact || (pack_pair == nullptr && EB == 4 && ks.kalign == 1);
   const RowRuns repeated = blankable ? identical_runs(w, n, d, row_stride) : RowRuns{};
   const std::vector<RowRun>& runs = repeated.runs;
