@@ -11,6 +11,19 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 needs_native = pytest.mark.skipif(not refframe.native_available(), reason="native library not built")
 
+KERNEL_SETS = ["portable", "avx2", "avx512", "avx512bf16", "amx"]
+
+
+@pytest.fixture(params=KERNEL_SETS)
+def kernel(request, monkeypatch):
+    """Runs a test with each CPU kernel set in turn; a set this CPU cannot run is skipped."""
+    from refframe import _C
+
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", request.param)
+    if _C.cpu_kernel() != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} kernel set")
+    return request.param
+
 
 @pytest.fixture(autouse=True)
 def _no_pca_cache(monkeypatch, tmp_path_factory):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import DTYPES, cov64, make_far_off_w, make_subnormal_fp16_w, make_w, needs_native, rel_fro
+from conftest import KERNEL_SETS, DTYPES, cov64, make_far_off_w, make_subnormal_fp16_w, make_w, needs_native, rel_fro
 from refframe import covariance
 
 pytestmark = needs_native
@@ -32,7 +32,6 @@ SHAPES = [
     (2000, 250),
 ]
 
-KERNEL_SETS = ["portable", "avx2", "avx512", "avx512bf16", "amx"]
 # Sets with the portable set's arithmetic, hence its bits; amx (split bf16 products) and avx512bf16
 # (exact bf16 products of bf16 W) have their own.
 BITWISE_SETS = ["avx2", "avx512"]
@@ -50,17 +49,6 @@ def bf16_plan_columns(W: torch.Tensor) -> int:
     var = X.var(0, unbiased=False)
     centred = (16 * mu * mu > 9 * var) & (var > 0)
     return W.shape[1] + int(centred.sum())
-
-
-@pytest.fixture(params=KERNEL_SETS)
-def kernel(request, monkeypatch):
-    """Runs a test with each CPU kernel set in turn; a set this CPU cannot run is skipped."""
-    from refframe import _C
-
-    monkeypatch.setenv("REFFRAME_CPU_KERNEL", request.param)
-    if _C.cpu_kernel() != request.param:
-        pytest.skip(f"this CPU cannot run the {request.param} kernel set")
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -233,34 +221,6 @@ def test_center_syrk_runs_of_identical_rows(kernel, dtype, kind):
         assert rel_fro(cov, c64) < 5e-8
 
 
-@pytest.mark.parametrize("kernel", BITWISE_SETS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fp32_kernel_sets_are_bitwise_identical_with_repeated_rows(monkeypatch, kernel, dtype):
-    from refframe import _C
-
-    monkeypatch.setenv("REFFRAME_CPU_KERNEL", kernel)
-    if _C.cpu_kernel() != kernel:
-        pytest.skip(f"this CPU cannot run the {kernel} kernel set")
-    W = repeated_rows_w("runs across blocks", dtype)
-    fast = native_cov(W)
-    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
-    slow = native_cov(W)
-    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
-
-
-def test_repeated_rows_deterministic_across_threads(kernel):
-    W = repeated_rows_w("runs across blocks", torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3, 2):
-            torch.set_num_threads(n)
-            results.append(native_cov(W)[1])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(results[0], r) for r in results[1:])
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0.0, 0.7, 12.0])
 def test_center_syrk_variances_are_unbiased(kernel, dtype, offset):
@@ -302,8 +262,12 @@ def test_center_syrk_strided(kernel, dtype):
         assert rel_fro(cov, c64) < 1e-7, name
 
 
-def test_center_syrk_deterministic_across_runs_and_threads(kernel):
-    W = make_w(3000, 150, torch.bfloat16, offset_sigmas=10.0)
+@pytest.mark.parametrize("w", ["offsets", "repeated rows"])
+def test_center_syrk_deterministic_across_runs_and_threads(kernel, w):
+    if w == "offsets":
+        W = make_w(3000, 150, torch.bfloat16, offset_sigmas=10.0)
+    else:
+        W = repeated_rows_w("runs across blocks", torch.bfloat16)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -318,7 +282,7 @@ def test_center_syrk_deterministic_across_runs_and_threads(kernel):
 
 @pytest.mark.parametrize("kernel", BITWISE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(300, 47), (300, 48), (300, 97), (777, 250), (129, 1000)])
+@pytest.mark.parametrize("shape", [(300, 47), (300, 48), (300, 97), (777, 250), (129, 1000), "repeated rows"])
 def test_fp32_kernel_sets_are_bitwise_identical_to_portable(monkeypatch, kernel, dtype, shape):
     """Each fp32 SIMD set (each with its own tile shape, block length and packing) gives the
     portable set's bits; a set this CPU lacks is skipped."""
@@ -327,7 +291,10 @@ def test_fp32_kernel_sets_are_bitwise_identical_to_portable(monkeypatch, kernel,
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", kernel)
     if _C.cpu_kernel() != kernel:
         pytest.skip(f"this CPU cannot run the {kernel} kernel set")
-    W = make_w(*shape, dtype, offset_sigmas=30.0)
+    if shape == "repeated rows":
+        W = repeated_rows_w("runs across blocks", dtype)
+    else:
+        W = make_w(*shape, dtype, offset_sigmas=30.0)
     fast = native_cov(W)
     monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
     assert _C.cpu_kernel() == "portable"

@@ -46,16 +46,6 @@ def real_w() -> torch.Tensor:
     return W
 
 
-@pytest.fixture(params=["portable", "avx2", "avx512", "avx512bf16", "amx"])
-def kernel(request, monkeypatch):
-    from refframe import _C
-
-    monkeypatch.setenv("REFFRAME_CPU_KERNEL", request.param)
-    if _C.cpu_kernel() != request.param:
-        pytest.skip(f"this CPU cannot run the {request.param} kernel set")
-    return request.param
-
-
 @needs_matrix
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_covariance_of_a_real_embedding(real_w, kernel, dtype):
