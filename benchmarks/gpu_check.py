@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                      # tests + both default shapes
     python benchmarks/gpu_check.py --json results.json  # also write the numbers and metadata
     python benchmarks/gpu_check.py --shapes 151936x2560 --no-tests
+    python benchmarks/gpu_check.py --sanitize           # also compute-sanitizer on small cases
 
 Assumes refframe is built and installed with its CUDA kernels. For each shape a synthetic bf16 W
 (noise, a low-rank part and four columns whose mean sits 50 sigma from zero) is generated on the GPU
@@ -10,7 +11,8 @@ and written to a safetensors file. Stages: load (safetensors -> host memory, fil
 page cache first when the OS allows; wall clock), host-to-device copy, covariance, eigh (fp32, on the
 GPU) and centroid of a 2,212-row cluster, each timed with CUDA events (median of --repeats after a
 warm-up). The covariance error of each backend is taken against a float64 covariance computed on the
-GPU by row chunks. Pure torch = refframe.reference: W.to(fp32), centring, Wc.T @ Wc (in full fp32
+GPU by row chunks. Both covariance kernels are timed (REFFRAME_CUDA_KERNEL=simt and =mma, the
+tensor-core kernel). Pure torch = refframe.reference: W.to(fp32), centring, Wc.T @ Wc (in full fp32
 unless torch.set_float32_matmul_precision was lowered; the JSON records it).
 """
 
@@ -20,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +41,23 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD_HINT = "REFFRAME_CUDA=ON pip install --no-build-isolation --force-reinstall --no-deps ."
 CLUSTER_SIZE = 2212
 CHUNK_ROWS = 16384
+# The covariance kernels REFFRAME_CUDA_KERNEL chooses between (csrc/cuda/center_syrk.cu).
+CUDA_KERNELS = ("simt", "mma")
+# Small cases for compute-sanitizer: awkward edges, strided input, several row splits.
+SANITIZE_SNIPPET = """
+import torch, refframe
+from refframe import ops
+assert ops._C.WITH_CUDA
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for n, d in ((129, 257), (4100, 136), (3, 100)):
+        W = (torch.randn(n, d, generator=g) * 0.02 + 0.5).to(dtype).cuda()
+        torch.ops.refframe.center_syrk(W)
+        torch.ops.refframe.center_syrk(W[:, 1:])
+        torch.ops.refframe.gather_mean(W, torch.arange(0, n, 2, device="cuda"))
+torch.cuda.synchronize()
+print("sanitize-case-ok")
+"""
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -78,6 +98,50 @@ def covariance64(W: torch.Tensor) -> torch.Tensor:
 
 def rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.to(torch.float64) - ref).norm() / ref.norm())
+
+
+def with_cuda_kernel(kernel: str, fn):
+    """fn, run with REFFRAME_CUDA_KERNEL=kernel (the op reads it at every call)."""
+
+    def run():
+        old = os.environ.get("REFFRAME_CUDA_KERNEL")
+        os.environ["REFFRAME_CUDA_KERNEL"] = kernel
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["REFFRAME_CUDA_KERNEL"]
+            else:
+                os.environ["REFFRAME_CUDA_KERNEL"] = old
+
+    return run
+
+
+def run_sanitizer() -> dict:
+    """compute-sanitizer memcheck and racecheck over small cases of both covariance kernels."""
+    exe = shutil.which("compute-sanitizer") or next(
+        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None
+    )
+    if exe is None:
+        print("compute-sanitizer: not found, skipped", flush=True)
+        return {"skipped": "compute-sanitizer not found"}
+    out = {}
+    for tool in ("memcheck", "racecheck"):
+        for kernel in CUDA_KERNELS:
+            cmd = [exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", SANITIZE_SNIPPET]
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "REFFRAME_CUDA_KERNEL": kernel}
+            )
+            text = proc.stdout + proc.stderr
+            ok = proc.returncode == 0 and "sanitize-case-ok" in text
+            summary = next((ln for ln in reversed(text.splitlines()) if "ERROR SUMMARY" in ln), "")
+            print(f"compute-sanitizer {tool} ({kernel}): {'ok' if ok else 'FAILED'} {summary} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            if not ok:
+                print("\n".join(text.strip().splitlines()[-20:]), flush=True)
+            out[f"{tool}_{kernel}"] = {"ok": ok, "returncode": proc.returncode, "summary": summary}
+    return out
 
 
 def cuda_timed(fn, repeats: int, warmup: int = 1):
@@ -153,13 +217,12 @@ def bench_shape(n: int, d: int, repeats: int, tmpdir: Path) -> list[dict]:
     centroid64 = Wd[ids].to(torch.float64).mean(dim=0)
     torch.linalg.eigh(torch.eye(64, device=cuda))  # initialise cuSOLVER outside the timings
 
+    native_centroid = partial(torch.ops.refframe.gather_mean, Wd, ids)
     backends = {
-        "native": (
-            lambda: torch.ops.refframe.center_syrk(Wd),
-            lambda: torch.ops.refframe.gather_mean(Wd, ids),
-        ),
-        "torch": (lambda: reference.covariance(Wd), lambda: reference.gather_mean(Wd, ids)),
+        f"native {kernel}": (with_cuda_kernel(kernel, partial(torch.ops.refframe.center_syrk, Wd)), native_centroid)
+        for kernel in CUDA_KERNELS
     }
+    backends["torch"] = (lambda: reference.covariance(Wd), lambda: reference.gather_mean(Wd, ids))
     rows, covs = [], {}
     for name, (cov_fn, centroid_fn) in backends.items():
         torch.cuda.synchronize()
@@ -249,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per stage after one warm-up")
     p.add_argument("--no-tests", action="store_true", help="skip pytest tests/test_cuda.py")
+    p.add_argument(
+        "--sanitize", action="store_true", help="also run compute-sanitizer memcheck and racecheck on small cases"
+    )
     p.add_argument("--json", metavar="PATH", help="also write results and metadata as JSON ('-' = stdout)")
     p.add_argument(
         "--tmpdir", type=Path, default=None, help="where the safetensors files go (default: system temp)"
@@ -271,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"self-check of the CUDA kernels against float64: {meta['self_check']}", flush=True)
 
     tests = None if args.no_tests else run_tests()
+    sanitizer = run_sanitizer() if args.sanitize else None
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         for shape in args.shapes.split(","):
@@ -280,20 +347,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     for row in rows:
-        if row["backend"] == "native":
+        if row["backend"].startswith("native"):
             print(
-                f"{row['shape']}: native covariance {row['cov_speedup']:.2f}x the torch path, relative error "
+                f"{row['shape']}: {row['backend']} covariance {row['cov_speedup']:.2f}x the torch path, relative error "
                 f"{row['cov_rel_err']:.1e} (issue 5 targets at 151936x2560: >= 3x, <= 1e-7)"
             )
     if rows and not rows[0]["load_cold"]:
         print("(load times may come from the page cache: the OS could not be asked to evict the file)")
     if args.json:
-        text = json.dumps({"metadata": meta, "tests": tests, "results": rows}, indent=2)
+        text = json.dumps({"metadata": meta, "tests": tests, "sanitizer": sanitizer, "results": rows}, indent=2)
         if args.json == "-":
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
-    return 1 if tests is not None and tests["returncode"] != 0 else 0
+    failed = tests is not None and tests["returncode"] != 0
+    failed |= sanitizer is not None and any(not v["ok"] for v in sanitizer.values() if isinstance(v, dict))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -49,6 +49,17 @@ VIEWS = {
 }
 
 
+# The covariance kernels REFFRAME_CUDA_KERNEL chooses between: simt (fp32 FMA, the default) and
+# mma (tensor cores, bf16 and fp16 W; fp32 W stays on simt).
+CUDA_KERNELS = ["simt", "mma"]
+
+
+@pytest.fixture(params=CUDA_KERNELS)
+def cuda_kernel(request, monkeypatch):
+    monkeypatch.setenv("REFFRAME_CUDA_KERNEL", request.param)
+    return request.param
+
+
 def center_syrk(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.refframe.center_syrk(W)
 
@@ -75,7 +86,7 @@ def check_covariance(W: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("offset", [0.0, 50.0])
-def test_center_syrk_cuda_matches_float64(dtype, shape, offset):
+def test_center_syrk_cuda_matches_float64(dtype, shape, offset, cuda_kernel):
     W = make_w(*shape, dtype, offset_sigmas=offset).to(CUDA)
     mean, cov = center_syrk(W)
     assert mean.device == W.device and cov.device == W.device
@@ -84,7 +95,7 @@ def test_center_syrk_cuda_matches_float64(dtype, shape, offset):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("view", list(VIEWS))
-def test_center_syrk_cuda_strided(dtype, view):
+def test_center_syrk_cuda_strided(dtype, view, cuda_kernel):
     W = VIEWS[view](make_w(700, 400, dtype, offset_sigmas=50.0).to(CUDA))
     mean, cov = center_syrk(W)
     check_covariance(W, mean, cov)
@@ -95,7 +106,7 @@ def test_center_syrk_cuda_strided(dtype, view):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sigmas", [8.0, 30.0, 100.0])
-def test_center_syrk_cuda_many_far_off_columns(dtype, sigmas):
+def test_center_syrk_cuda_many_far_off_columns(dtype, sigmas, cuda_kernel):
     # Half the columns far off zero on a coarse bf16/fp16 grid: centred on the mean rounded to W's
     # type (centre.h), not on its fp32 rounding, whose 128-row fp32 sums round with a bias.
     W = make_far_off_w(6000, 96, dtype, sigmas).to(CUDA)
@@ -103,7 +114,7 @@ def test_center_syrk_cuda_many_far_off_columns(dtype, sigmas):
     check_covariance(W, mean, cov)
 
 
-def test_center_syrk_cuda_subnormal_fp16_columns():
+def test_center_syrk_cuda_subnormal_fp16_columns(cuda_kernel):
     # Subnormal fp16 columns far off zero: centre.h must use the subnormal spacing, 2^-24.
     W = make_subnormal_fp16_w(6000, 96).to(CUDA)
     mean, cov = center_syrk(W)
@@ -112,7 +123,7 @@ def test_center_syrk_cuda_subnormal_fp16_columns():
     assert rel_fro(cov.cpu(), c64) < 4e-8
 
 
-def test_center_syrk_cuda_is_deterministic():
+def test_center_syrk_cuda_is_deterministic(cuda_kernel):
     W = make_w(5000, 300, torch.bfloat16, offset_sigmas=50.0).to(CUDA)
     first = center_syrk(W)
     for _ in range(3):
@@ -121,7 +132,35 @@ def test_center_syrk_cuda_is_deterministic():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_center_syrk_cuda_agrees_with_cpu(dtype):
+def test_cuda_kernel_choice_is_honoured(dtype, monkeypatch):
+    W = make_w(3000, 200, dtype, offset_sigmas=50.0).to(CUDA)
+    results = {}
+    for kernel in CUDA_KERNELS:
+        monkeypatch.setenv("REFFRAME_CUDA_KERNEL", kernel)
+        results[kernel] = center_syrk(W)
+    assert torch.equal(results["simt"][0], results["mma"][0])  # the same pass 1 and exact mean
+    same = torch.equal(results["simt"][1], results["mma"][1])
+    # Two kernels summing differently agree to rounding, not in every bit; fp32 W stays on simt.
+    assert same == (dtype == torch.float32)
+    monkeypatch.setenv("REFFRAME_CUDA_KERNEL", "tensor")
+    with pytest.raises(RuntimeError, match="REFFRAME_CUDA_KERNEL must be 'simt' or 'mma', got 'tensor'"):
+        center_syrk(W)
+
+
+def test_mma_kernel_with_a_long_row(monkeypatch):
+    # One row 100x the others sets the tensor-core kernel's scale of every column (its range):
+    # most values then keep fewer bits in the fp16 pair (7.6e-8 in a CPU emulation of the kernel).
+    monkeypatch.setenv("REFFRAME_CUDA_KERNEL", "mma")
+    for dtype in (torch.bfloat16, torch.float16):
+        X = make_w(30000, 128, torch.float64)
+        X[7] *= 100.0
+        W = X.to(dtype).to(CUDA)
+        mean, cov = center_syrk(W)
+        check_covariance(W, mean, cov)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_center_syrk_cuda_agrees_with_cpu(dtype, cuda_kernel):
     W = make_w(3000, 200, dtype, offset_sigmas=50.0)
     mean_cpu, cov_cpu = center_syrk(W)
     mean_gpu, cov_gpu = center_syrk(W.to(CUDA))

@@ -16,12 +16,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 
 #include "../centre.h"
 
@@ -55,57 +60,110 @@ __host__ __device__ inline void tile_coords(int64_t t, int64_t& ti, int64_t& tj)
 // two groups of 4, 64 apart, so that each thread reads its A and B values as two float4.
 __host__ __device__ inline int micro_offset(int t, int m) { return (m / 4) * 64 + t * 4 + (m % 4); }
 
-// Column sums of W and of its squares in fp64, one row split per blockIdx.y.
+// Column sums of W and of its squares in fp64, and its minimum and maximum, one row split per
+// blockIdx.y.
 //
 // Block: 32 columns x 8 row lanes; each lane sums its rows in order, the lanes are merged in order,
-// and partial[split][j] receives the split's sum, partial[splits + split][j] its sum of squares.
-// Unit column stride gives coalesced row reads.
+// and partial[q * splits + split][j] receives the split's sum (q = 0), sum of squares (1), minimum
+// (2) and maximum (3). Unit column stride gives coalesced row reads. NaN is left out of the minimum
+// and maximum, but not out of the sums, so a NaN column still ends with a NaN mean.
 template <typename T>
 __global__ void column_sum_kernel(const T* __restrict__ w, int64_t n, int64_t d, int64_t s0, int64_t s1,
                                   int64_t rows_per_split, double* __restrict__ partial) {
-  __shared__ double lanes[2][kSumLanes][kSumCols];
+  __shared__ double lanes[4][kSumLanes][kSumCols];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t r1 = r0 + rows_per_split < n ? r0 + rows_per_split : n;
   double s = 0.0, q = 0.0;
+  float lo = INFINITY, hi = -INFINITY;
   if (j < d) {
     const T* col = w + j * s1;
     for (int64_t r = r0 + threadIdx.y; r < r1; r += kSumLanes) {
-      const double x = static_cast<double>(static_cast<float>(col[r * s0]));
+      const float v = static_cast<float>(col[r * s0]);
+      const double x = static_cast<double>(v);
       s += x;
       q += x * x;  // exact in fp64
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
     }
   }
   lanes[0][threadIdx.y][threadIdx.x] = s;
   lanes[1][threadIdx.y][threadIdx.x] = q;
+  lanes[2][threadIdx.y][threadIdx.x] = lo;
+  lanes[3][threadIdx.y][threadIdx.x] = hi;
   __syncthreads();
   if (threadIdx.y == 0 && j < d) {
-    double t = 0.0, u = 0.0;
+    double t = 0.0, u = 0.0, a = INFINITY, b = -INFINITY;
 #pragma unroll
     for (int y = 0; y < kSumLanes; ++y) {
       t += lanes[0][y][threadIdx.x];
       u += lanes[1][y][threadIdx.x];
+      a = fmin(a, lanes[2][y][threadIdx.x]);
+      b = fmax(b, lanes[3][y][threadIdx.x]);
     }
+    const int64_t splits = gridDim.y;
     partial[blockIdx.y * d + j] = t;
-    partial[(gridDim.y + blockIdx.y) * d + j] = u;
+    partial[(splits + blockIdx.y) * d + j] = u;
+    partial[(2 * splits + blockIdx.y) * d + j] = a;
+    partial[(3 * splits + blockIdx.y) * d + j] = b;
   }
 }
 
+// Centre and scale of a column for the tensor-core kernel (syrk_mma_kernel). The scale G is the
+// smallest power of two with 1023 G >= max |x - mean| over the column, the centre c the mean rounded
+// to a multiple of G / 4096 (then to fp32, which keeps it such a multiple: an fp32 number whose
+// spacing is at least G / 4096 is a multiple of it, and a smaller one is exact). Then
+// y = (x - c) / G lies in [-1024, 1024] and splits as hi + lo, hi = rint(y) and lo = y - hi, both
+// exact in fp16 wherever x - c is a multiple of G / 4096: every bf16 value of the column above
+// G / 32 in magnitude, and every fp16 value above G / 4. Products of two hi are integers below 2^20,
+// so the tensor cores sum sixteen of them exactly, whatever their rounding mode.
+struct MmaScale {
+  float centre;
+  float inv_scale;  // 1 / G
+  double scale;     // G
+};
+
+__device__ inline MmaScale mma_scale_of(double mean, double lo, double hi) {
+  const double spread = fmax(hi - mean, mean - lo);
+  if (!isfinite(spread) || !(spread > 0.0)) {
+    // A constant column (its mean is its value, exactly) or a non-finite one (NaN propagates).
+    return {static_cast<float>(mean), 1.0f, 1.0};
+  }
+  int e = 0;
+  const double f = frexp(spread / 1023.0, &e);  // spread / 1023 = f 2^e, f in [0.5, 1)
+  int g = f == 0.5 ? e - 1 : e;                  // G = 2^g >= spread / 1023
+  g = g < -126 ? -126 : (g > 126 ? 126 : g);     // 2^g and 2^-g both normal fp32 numbers
+  const double grid = ldexp(1.0, g - 12);
+  const double centre = rint(mean / grid) * grid;
+  return {static_cast<float>(centre), static_cast<float>(ldexp(1.0, -g)), ldexp(1.0, g)};
+}
+
 // mean64[j] = (sum of the split partials of column j, in split order) / N; mean32 = the fp32
-// centre of the column (centre.h), from the mean and the sum of squares.
+// centre of the column (centre.h), from the mean and the sum of squares. With mma (non-null), the
+// tensor-core kernel's centre and scale instead, from the mean and the column's range.
 template <typename T>
 __global__ void mean_finalize_kernel(const double* __restrict__ partial, int64_t splits, int64_t n, int64_t d,
-                                     double* __restrict__ mean64, float* __restrict__ mean32) {
+                                     double* __restrict__ mean64, float* __restrict__ mean32,
+                                     float* __restrict__ inv_scale, double* __restrict__ scale) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= d) return;
-  double s = 0.0, q = 0.0;
+  double s = 0.0, q = 0.0, lo = INFINITY, hi = -INFINITY;
   for (int64_t sp = 0; sp < splits; ++sp) {
     s += partial[sp * d + j];
     q += partial[(splits + sp) * d + j];
+    lo = fmin(lo, partial[(2 * splits + sp) * d + j]);
+    hi = fmax(hi, partial[(3 * splits + sp) * d + j]);
   }
   const double m = s / static_cast<double>(n);
   mean64[j] = m;
-  mean32[j] = refframe::centre_of<T>(m, q, n);
+  if (scale != nullptr) {
+    const MmaScale c = mma_scale_of(m, lo, hi);
+    mean32[j] = c.centre;
+    inv_scale[j] = c.inv_scale;
+    scale[j] = c.scale;
+  } else {
+    mean32[j] = refframe::centre_of<T>(m, q, n);
+  }
 }
 
 // Element e (0..7) of eight packed elements of type T, converted exactly to fp32.
@@ -298,6 +356,228 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---- Tensor-core kernel (REFFRAME_CUDA_KERNEL=mma; bf16 and fp16 W) ----------------------------
+//
+// The same tiles, row splits and fp64 partials as syrk_kernel, with the products on the tensor
+// cores (16 x 16 x 16 fp16 wmma, fp32 results). Each centred, scaled value is staged as two fp16
+// numbers, y = hi + lo (mma_scale_of), and y_i y_j = hi_i hi_j + (lo_i hi_j + hi_i lo_j + lo_i lo_j):
+// four products per pair of values. For each 16-row step a fresh fragment takes the sixteen hi hi
+// products, which are integers below 2^20 and so summed exactly, and another fresh fragment the three
+// small terms (2^-10 of the first, so the tensor cores' rounding of them, whatever its mode, stays
+// far below fp32's); both are added with ordinary round-to-nearest fp32 adds into a running fp32 sum
+// of 16 steps (256 rows), which is then flushed into fp64. For bf16 W the split is exact nearly
+// everywhere, so the precision is that of syrk_kernel's fp32 products; fp32 W stays on syrk_kernel.
+//
+// Block: 8 warps, each owning a 64 x 32 part of the 128 x 128 tile (4 x 2 fragments of 16 x 16).
+// The fp64 sums are kept per fragment element in the fragments' own (unspecified) element order:
+// slot ((warp * 8 + fragment) * 8 + element) * 32 + lane. mma_layout_kernel records where each
+// element of an accumulator fragment sits in its 16 x 16 block, and the reduction uses that map.
+namespace wmma = nvcuda::wmma;
+using MmaA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::col_major>;
+using MmaB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major>;
+using MmaAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+constexpr int kMmaRows = 32;                      // rows of W staged per buffer: two 16-row steps
+constexpr int kMmaLd = kTile + 8;                 // halves per staged row (16 bytes of padding)
+constexpr int kMmaPanel = kMmaRows * kMmaLd;      // halves per panel; 4 panels: A hi, A lo, B hi, B lo
+constexpr int kMmaFlushStages = 8;                // staged buffers (16 steps, 256 rows) per fp64 flush
+constexpr int kMmaFrags = 8;                      // accumulator fragments per warp
+constexpr int kMmaChunks = kMmaRows * 2 * kTile / 8 / kThreads;  // 8-value chunks each thread stages
+constexpr size_t kMmaSmemBase = 2 * 4 * kMmaPanel * sizeof(__half) + 2 * 2 * kTile * sizeof(float);
+constexpr size_t kMmaSmemWithAcc = kMmaSmemBase + sizeof(double) * kTile * kTile;
+static_assert(kMmaChunks == 4, "staging assumes 4 chunks of 8 values per thread");
+
+// map[slot] = 16 * row + column of element slot / 32 of lane slot % 32 of an accumulator fragment,
+// for slot < 256. One warp.
+__global__ void mma_layout_kernel(int* __restrict__ map) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+  __shared__ float block[16 * 16];
+  MmaAcc f;
+  static_assert(MmaAcc::num_elements == 8, "an accumulator fragment holds 8 elements per lane");
+  const int lane = threadIdx.x;
+#pragma unroll
+  for (int t = 0; t < MmaAcc::num_elements; ++t) f.x[t] = static_cast<float>(t * 32 + lane);
+  wmma::store_matrix_sync(block, f, 16, wmma::mem_row_major);
+  __syncwarp();
+  for (int p = lane; p < 256; p += 32) map[static_cast<int>(block[p])] = p;
+#endif
+}
+
+// Two fp32 values rounded to fp16, packed low half first (the order of two adjacent columns in memory).
+__device__ __forceinline__ uint32_t half_pair(float a, float b) {
+  return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(a))) |
+         (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(b))) << 16);
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads, 1)
+    syrk_mma_kernel(const T* __restrict__ w, int64_t n, int64_t d, int64_t s0, int64_t s1,
+                    const float* __restrict__ centre, const float* __restrict__ inv_scale,
+                    int64_t rows_per_split, int64_t tiles, bool smem_acc, double* __restrict__ partial) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  __half* stage = reinterpret_cast<__half*>(mma_smem);
+  float* centre_s = reinterpret_cast<float*>(stage + 2 * 4 * kMmaPanel);  // [0, 128): A, [128, 256): B
+  float* inv_s = centre_s + 2 * kTile;
+  double* acc_s = reinterpret_cast<double*>(inv_s + 2 * kTile);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const int wm = warp % 2, wn = warp / 2;  // rows 64 wm .. +64, columns 32 wn .. +32 of the tile
+
+  int64_t ti, tj;
+  tile_coords(blockIdx.x, ti, tj);
+  const int64_t i0 = ti * kTile, j0 = tj * kTile;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t row_end = row_begin + rows_per_split < n ? row_begin + rows_per_split : n;
+  const int64_t stages = ceil_div(row_end - row_begin, kMmaRows);
+
+  double* out = partial + (static_cast<int64_t>(blockIdx.y) * tiles + blockIdx.x) * kTile * kTile;
+  double* acc = (smem_acc ? acc_s : out) + warp * kMmaFrags * 8 * 32 + lane;
+#pragma unroll
+  for (int e = 0; e < kMmaFrags * 8; ++e) acc[e * 32] = 0.0;
+  {
+    const int64_t col = (tid < kTile ? i0 : j0) + tid % kTile;
+    centre_s[tid] = col < d ? centre[col] : 0.0f;
+    inv_s[tid] = col < d ? inv_scale[col] : 0.0f;
+  }
+  __syncthreads();
+
+  // Chunk u of this thread: row (tid + 256 u) / 32 of the buffer, chunk (tid % 32) of its 256
+  // columns (A's 128, then B's 128), 8 values each. A warp reads 256 contiguous bytes of each side.
+  const int chunk = tid % 32;
+  const int side = chunk / 16, col8 = (chunk % 16) * 8;
+  const int64_t col0 = (side == 0 ? i0 : j0) + col8;
+  const int64_t left = d - col0;
+  const int count = left <= 0 ? 0 : (left >= 8 ? 8 : static_cast<int>(left));
+  const int first_row = tid / 32;  // rows first_row + 8 u
+  const T* src = w + (row_begin + first_row) * s0 + col0 * s1;
+  int64_t rows_left = row_end - row_begin - first_row;  // rows of the split from this thread's first row on
+
+  Chunk<T, kVec> raw[kMmaChunks];
+  auto fetch = [&] {
+#pragma unroll
+    for (int u = 0; u < kMmaChunks; ++u)
+      if (rows_left > 8 * u && count > 0) raw[u].load(src + 8 * u * s0, s1, count);
+  };
+
+  MmaAcc sum[kMmaFrags];
+#pragma unroll
+  for (int f = 0; f < kMmaFrags; ++f) wmma::fill_fragment(sum[f], 0.0f);
+
+  fetch();
+  for (int64_t st = 0; st < stages; ++st) {
+    __half* hi_a = stage + (st & 1) * 4 * kMmaPanel;
+    __half* lo_a = hi_a + kMmaPanel;
+    __half* hi_b = lo_a + kMmaPanel;
+    __half* lo_b = hi_b + kMmaPanel;
+    {
+      __half* hi_dst = side == 0 ? hi_a : hi_b;
+      __half* lo_dst = side == 0 ? lo_a : lo_b;
+      const float* c_s = centre_s + side * kTile + col8;
+      const float* v_s = inv_s + side * kTile + col8;
+#pragma unroll
+      for (int u = 0; u < kMmaChunks; ++u) {
+        const bool live = rows_left > 8 * u && count > 0;
+        uint32_t hw[4], lw[4];
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          float h0 = 0.0f, l0 = 0.0f, h1 = 0.0f, l1 = 0.0f;
+          if (live && e < count) {
+            const float y = (raw[u].get(e) - c_s[e]) * v_s[e];
+            h0 = rintf(y);
+            l0 = y - h0;
+          }
+          if (live && e + 1 < count) {
+            const float y = (raw[u].get(e + 1) - c_s[e + 1]) * v_s[e + 1];
+            h1 = rintf(y);
+            l1 = y - h1;
+          }
+          hw[e / 2] = half_pair(h0, h1);
+          lw[e / 2] = half_pair(l0, l1);
+        }
+        const int at = (first_row + 8 * u) * kMmaLd + col8;
+        *reinterpret_cast<uint4*>(hi_dst + at) = make_uint4(hw[0], hw[1], hw[2], hw[3]);
+        *reinterpret_cast<uint4*>(lo_dst + at) = make_uint4(lw[0], lw[1], lw[2], lw[3]);
+      }
+    }
+    __syncthreads();
+    src += kMmaRows * s0;
+    rows_left -= kMmaRows;
+    if (st + 1 < stages) fetch();
+
+#pragma unroll 1
+    for (int k = 0; k < kMmaRows / 16; ++k) {
+      MmaB bh[2], bl[2];
+#pragma unroll
+      for (int fn = 0; fn < 2; ++fn) {
+        wmma::load_matrix_sync(bh[fn], hi_b + k * 16 * kMmaLd + wn * 32 + fn * 16, kMmaLd);
+        wmma::load_matrix_sync(bl[fn], lo_b + k * 16 * kMmaLd + wn * 32 + fn * 16, kMmaLd);
+      }
+#pragma unroll
+      for (int fm = 0; fm < 4; ++fm) {
+        MmaA ah, al;
+        wmma::load_matrix_sync(ah, hi_a + k * 16 * kMmaLd + wm * 64 + fm * 16, kMmaLd);
+        wmma::load_matrix_sync(al, lo_a + k * 16 * kMmaLd + wm * 64 + fm * 16, kMmaLd);
+#pragma unroll
+        for (int fn = 0; fn < 2; ++fn) {
+          MmaAcc big, small;
+          wmma::fill_fragment(big, 0.0f);
+          wmma::fill_fragment(small, 0.0f);
+          wmma::mma_sync(big, ah, bh[fn], big);
+          wmma::mma_sync(small, al, bl[fn], small);
+          wmma::mma_sync(small, al, bh[fn], small);
+          wmma::mma_sync(small, ah, bl[fn], small);
+          MmaAcc& s = sum[fm * 2 + fn];
+#pragma unroll
+          for (int t = 0; t < MmaAcc::num_elements; ++t) s.x[t] = __fadd_rn(__fadd_rn(s.x[t], small.x[t]), big.x[t]);
+        }
+      }
+    }
+
+    if ((st + 1) % kMmaFlushStages == 0 || st + 1 == stages) {
+#pragma unroll
+      for (int f = 0; f < kMmaFrags; ++f) {
+#pragma unroll
+        for (int t = 0; t < MmaAcc::num_elements; ++t) {
+          acc[(f * 8 + t) * 32] += static_cast<double>(sum[f].x[t]);
+          sum[f].x[t] = 0.0f;
+        }
+        __syncwarp();
+      }
+    }
+  }
+
+  if (smem_acc) {
+    for (int e = tid; e < kTile * kTile; e += kThreads) out[e] = acc_s[e];
+  }
+#endif
+}
+
+// The reduction of syrk_mma_kernel's partials (slot order, in units of G_i G_j; see above):
+// cov[i][j] = cov[j][i] = fp32(G_i G_j (sum over splits) / N - (mean_i - c_i)(mean_j - c_j)).
+__global__ void reduce_mma_kernel(const double* __restrict__ partial, const int* __restrict__ map, int64_t tiles,
+                                  int64_t splits, int64_t n, int64_t d, const double* __restrict__ mean64,
+                                  const float* __restrict__ centre, const double* __restrict__ scale,
+                                  float* __restrict__ cov) {
+  const int64_t tile = blockIdx.x / (kTile * kTile / kThreads);
+  const int slot = static_cast<int>(blockIdx.x % (kTile * kTile / kThreads)) * kThreads + threadIdx.x;
+  int64_t ti, tj;
+  tile_coords(tile, ti, tj);
+  const int warp = slot / (kMmaFrags * 256), frag = (slot / 256) % kMmaFrags;
+  const int pos = map[slot % 256];
+  const int64_t i = ti * kTile + (warp % 2) * 64 + (frag / 2) * 16 + pos / 16;
+  const int64_t j = tj * kTile + (warp / 2) * 32 + (frag % 2) * 16 + pos % 16;
+  if (i >= d || j >= d || i > j) return;
+  const double* p = partial + tile * kTile * kTile + slot;
+  double s = 0.0;
+  for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
+  const double di = mean64[i] - static_cast<double>(centre[i]), dj = mean64[j] - static_cast<double>(centre[j]);
+  const float v = static_cast<float>(s * scale[i] * scale[j] / static_cast<double>(n) - di * dj);
+  cov[i * d + j] = v;
+  if (i < j) cov[j * d + i] = v;
+}
+
 // cov[i][j] = cov[j][i] = fp32((sum over splits, in order, of the fp64 partials) / N), i <= j.
 //
 // One block per (tile, e): thread t reads partial entry e * 256 + t of every split (coalesced) and
@@ -360,42 +640,100 @@ namespace {
 constexpr int64_t kMaxMeanSplits = 64;
 constexpr int64_t kMinMeanRows = 256;
 
+// REFFRAME_CUDA_KERNEL=simt (the default) or mma asks for a covariance kernel; read at every call.
+// mma applies to bf16 and fp16 W on devices of compute capability 7.0 and up; fp32 W stays on simt.
+bool mma_requested() {
+  const char* ask = std::getenv("REFFRAME_CUDA_KERNEL");
+  if (ask == nullptr || *ask == '\0' || std::strcmp(ask, "simt") == 0) return false;
+  TORCH_CHECK(std::strcmp(ask, "mma") == 0, "center_syrk (CUDA): REFFRAME_CUDA_KERNEL must be 'simt' or 'mma', got '",
+              ask, "'");
+  return true;
+}
+
+struct DeviceInfo {
+  int device = 0, sms = 0, smem_optin = 0, major = 0;
+};
+
+DeviceInfo device_info() {
+  DeviceInfo info;
+  C10_CUDA_CHECK(cudaGetDevice(&info.device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, info.device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, info.device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, info.device));
+  return info;
+}
+
+// The row splits of a covariance kernel launched with `smem` bytes of dynamic shared memory.
+template <typename Kernel>
+SyrkPlan plan_for(Kernel kernel, size_t smem, int64_t n, int64_t tiles, const DeviceInfo& info) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  TORCH_CHECK(per_sm > 0, "center_syrk (CUDA): the covariance kernel does not fit on device ", info.device);
+  return plan_syrk(n, tiles, static_cast<int64_t>(info.sms) * per_sm);
+}
+
 template <typename T>
 void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) {
   const int64_t n = W.size(0), d = W.size(1), s0 = W.stride(0), s1 = W.stride(1);
   const T* w = W.const_data_ptr<T>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f64 = W.options().dtype(at::kDouble);
+  const auto f32 = W.options().dtype(at::kFloat);
+  const DeviceInfo info = device_info();
+  const bool asked_mma = mma_requested();  // checked for every dtype: a bad value is an error
+  const bool mma = asked_mma && !std::is_same_v<T, float> && info.major >= 7;
 
-  // Pass 1: exact mean, and the sums of squares that pick each column's fp32 centre.
+  // Pass 1: exact mean, and the sums of squares (simt) or the range (mma) that pick each column's
+  // fp32 centre.
   const int64_t mean_rows = std::max(kMinMeanRows, ceil_div(n, kMaxMeanSplits));
   const int64_t mean_splits = ceil_div(n, mean_rows);
-  at::Tensor mean_partial = at::empty({2 * mean_splits, d}, f64);
-  at::Tensor mean32 = at::empty({d}, W.options().dtype(at::kFloat));
+  at::Tensor mean_partial = at::empty({4 * mean_splits, d}, f64);
+  at::Tensor mean32 = at::empty({d}, f32);
+  at::Tensor inv_scale = mma ? at::empty({d}, f32) : at::Tensor();
+  at::Tensor scale = mma ? at::empty({d}, f64) : at::Tensor();
   column_sum_kernel<T><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0, stream>>>(
       w, n, d, s0, s1, mean_rows, mean_partial.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   mean_finalize_kernel<T><<<ceil_div(d, kThreads), kThreads, 0, stream>>>(
-      mean_partial.const_data_ptr<double>(), mean_splits, n, d, mean.data_ptr<double>(), mean32.data_ptr<float>());
+      mean_partial.const_data_ptr<double>(), mean_splits, n, d, mean.data_ptr<double>(), mean32.data_ptr<float>(),
+      mma ? inv_scale.data_ptr<float>() : nullptr, mma ? scale.data_ptr<double>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Pass 2: Gram matrix of the centred rows, upper-triangle tiles, split over rows.
   const int64_t per_side = ceil_div(d, kTile);
   const int64_t tiles = per_side * (per_side + 1) / 2;
   TORCH_CHECK(tiles * kPerThread <= INT32_MAX, "center_syrk (CUDA): d = ", d, " is too large");
-  int device = 0, sms = 0, smem_optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const bool smem_acc = static_cast<size_t>(smem_optin) >= kSmemWithAcc;
-  const size_t smem = smem_acc ? kSmemWithAcc : kSmemBase;
   const bool vec = s1 == 1 && s0 % 8 == 0 && d % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+
+  if constexpr (!std::is_same_v<T, float>) {
+    if (mma) {
+      at::Tensor map = at::empty({256}, W.options().dtype(at::kInt));
+      mma_layout_kernel<<<1, 32, 0, stream>>>(map.data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const bool smem_acc = static_cast<size_t>(info.smem_optin) >= kMmaSmemWithAcc;
+      const size_t smem = smem_acc ? kMmaSmemWithAcc : kMmaSmemBase;
+      const auto kernel = vec ? syrk_mma_kernel<T, true> : syrk_mma_kernel<T, false>;
+      const SyrkPlan plan = plan_for(kernel, smem, n, tiles, info);
+      at::Tensor partial = at::empty({plan.splits * tiles * kTile * kTile}, f64);
+      kernel<<<dim3(tiles, plan.splits), kThreads, smem, stream>>>(
+          w, n, d, s0, s1, mean32.const_data_ptr<float>(), inv_scale.const_data_ptr<float>(), plan.rows_per_split,
+          tiles, smem_acc, partial.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduce_mma_kernel<<<tiles * (kTile * kTile / kThreads), kThreads, 0, stream>>>(
+          partial.const_data_ptr<double>(), map.const_data_ptr<int>(), tiles, plan.splits, n, d,
+          mean.const_data_ptr<double>(), mean32.const_data_ptr<float>(), scale.const_data_ptr<double>(),
+          cov.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+
+  const bool smem_acc = static_cast<size_t>(info.smem_optin) >= kSmemWithAcc;
+  const size_t smem = smem_acc ? kSmemWithAcc : kSmemBase;
   const auto kernel = vec ? syrk_kernel<T, true> : syrk_kernel<T, false>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  TORCH_CHECK(per_sm > 0, "center_syrk (CUDA): the covariance kernel does not fit on device ", device);
-  const SyrkPlan plan = plan_syrk(n, tiles, static_cast<int64_t>(sms) * per_sm);
+  const SyrkPlan plan = plan_for(kernel, smem, n, tiles, info);
   at::Tensor partial = at::empty({plan.splits * tiles * kTile * kTile}, f64);
   kernel<<<dim3(tiles, plan.splits), kThreads, smem, stream>>>(
       w, n, d, s0, s1, mean32.const_data_ptr<float>(), plan.rows_per_split, tiles, smem_acc,
