@@ -147,16 +147,17 @@ def test_cuda_kernel_choice_is_honoured(dtype, monkeypatch):
         center_syrk(W)
 
 
-def test_mma_kernel_with_a_long_row(monkeypatch):
-    # One row 100x the others sets the tensor-core kernel's scale of every column (its range):
-    # most values then keep fewer bits in the fp16 pair (7.6e-8 in a CPU emulation of the kernel).
+@pytest.mark.parametrize(("dtype", "length"), [(torch.bfloat16, 100.0), (torch.float16, 30.0)])
+def test_mma_kernel_with_a_long_row(dtype, length, monkeypatch):
+    # One long row sets the tensor-core kernel's scale of every column (its range): most values then
+    # keep fewer bits in the fp16 pair. A CPU emulation of the kernel gives 7.6e-8 for both cases
+    # (fp16 W at 100x: 2.1e-7, past the bound, as on the CPU kernels).
     monkeypatch.setenv("REFFRAME_CUDA_KERNEL", "mma")
-    for dtype in (torch.bfloat16, torch.float16):
-        X = make_w(30000, 128, torch.float64)
-        X[7] *= 100.0
-        W = X.to(dtype).to(CUDA)
-        mean, cov = center_syrk(W)
-        check_covariance(W, mean, cov)
+    X = make_w(30000, 128, torch.float64)
+    X[7] *= length
+    W = X.to(dtype).to(CUDA)
+    mean, cov = center_syrk(W)
+    check_covariance(W, mean, cov)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
