@@ -43,6 +43,7 @@ CLUSTER_SIZE = 2212
 CHUNK_ROWS = 16384
 # The covariance kernels REFFRAME_CUDA_KERNEL chooses between (csrc/cuda/center_syrk.cu).
 CUDA_KERNELS = ("simt", "mma")
+SANITIZE_TIMEOUT_S = 240
 # Small cases for compute-sanitizer: awkward edges, strided input, several row splits.
 SANITIZE_SNIPPET = """
 import torch, refframe
@@ -130,17 +131,26 @@ def run_sanitizer() -> dict:
         for kernel in CUDA_KERNELS:
             cmd = [exe, "--tool", tool, "--error-exitcode", "3", sys.executable, "-c", SANITIZE_SNIPPET]
             t0 = time.perf_counter()
-            proc = subprocess.run(
-                cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "REFFRAME_CUDA_KERNEL": kernel}
-            )
-            text = proc.stdout + proc.stderr
-            ok = proc.returncode == 0 and "sanitize-case-ok" in text
+            try:
+                proc = subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "REFFRAME_CUDA_KERNEL": kernel},
+                    timeout=SANITIZE_TIMEOUT_S,
+                )
+                text, returncode = proc.stdout + proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as exc:
+                out_text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                text, returncode = out_text + f"\ntimed out after {SANITIZE_TIMEOUT_S} s", -1
+            ok = returncode == 0 and "sanitize-case-ok" in text
             summary = next((ln for ln in reversed(text.splitlines()) if "ERROR SUMMARY" in ln), "")
             print(f"compute-sanitizer {tool} ({kernel}): {'ok' if ok else 'FAILED'} {summary} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if not ok:
                 print("\n".join(text.strip().splitlines()[-20:]), flush=True)
-            out[f"{tool}_{kernel}"] = {"ok": ok, "returncode": proc.returncode, "summary": summary}
+            out[f"{tool}_{kernel}"] = {"ok": ok, "returncode": returncode, "summary": summary}
     return out
 
 

@@ -674,6 +674,17 @@ def test_self_check_passes_on_the_cpu_kernels(monkeypatch):
     assert ops.native_self_check(torch.device("cpu")) is None
 
 
+def test_self_check_key_names_the_cuda_kernel(monkeypatch):
+    # Each CUDA covariance kernel gets its own self-check (REFFRAME_CUDA_KERNEL is read per call).
+    from refframe import ops
+
+    monkeypatch.delenv("REFFRAME_CUDA_KERNEL", raising=False)
+    assert ops._device_key(torch.device("cuda:1")) == "cuda:1 (simt kernel)"
+    monkeypatch.setenv("REFFRAME_CUDA_KERNEL", "mma")
+    assert ops._device_key(torch.device("cuda:1")) == "cuda:1 (mma kernel)"
+    assert ops._device_key(torch.device("cpu")) == "cpu"
+
+
 def test_self_check_catches_wrong_or_failing_kernels(monkeypatch):
     import refframe
     from refframe import ops

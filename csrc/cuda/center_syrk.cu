@@ -111,12 +111,14 @@ __global__ void column_sum_kernel(const T* __restrict__ w, int64_t n, int64_t d,
 
 // Centre and scale of a column for the tensor-core kernel (syrk_mma_kernel). The scale G is the
 // smallest power of two with 255 G >= max |x - mean| over the column, the centre c the mean rounded
-// to a multiple of G / 4096 (then to fp32, which keeps it such a multiple: an fp32 number whose
-// spacing is at least G / 4096 is a multiple of it, and a smaller one is exact). Then
-// y = (x - c) / G lies in [-256, 256] and splits as hi + lo, hi = rint(y) and lo = y - hi, both
-// exact in fp16 wherever x - c is a multiple of G / 4096: every bf16 value of the column above
-// G / 32 in magnitude, and every fp16 value above G / 4. Products of two hi are integers of at most
-// 2^16, so the tensor cores sum 256 rows of them exactly, whatever their rounding mode.
+// to a multiple of G (then to fp32, which keeps it one: the columns here are bf16 or fp16, so c is
+// far from needing more than 24 bits). Then y = (x - c) / G lies in [-255.5, 255.5], and because
+// c / G is an integer, y splits exactly into hi = rint(y), an integer of at most 256, and
+// lo = y - hi, whose significant bits are those of x below G: at most 11, so lo is exact in fp16
+// (unless tiny enough to be subnormal there). x - c itself is exact in fp32 for every x of at
+// least G / 64 in magnitude (bf16: G / 512), and off by at most 2^-16 G below that. Products of
+// two hi are integers of at most 2^16, so the tensor cores sum 256 rows of them exactly, whatever
+// their rounding mode.
 struct MmaScale {
   float centre;
   float inv_scale;  // 1 / G
@@ -133,7 +135,7 @@ __device__ inline MmaScale mma_scale_of(double mean, double lo, double hi) {
   const double f = frexp(spread / 255.0, &e);  // spread / 255 = f 2^e, f in [0.5, 1)
   int g = f == 0.5 ? e - 1 : e;                 // G = 2^g >= spread / 255
   g = g < -126 ? -126 : (g > 126 ? 126 : g);     // 2^g and 2^-g both normal fp32 numbers
-  const double grid = ldexp(1.0, g - 12);
+  const double grid = ldexp(1.0, g);
   const double centre = rint(mean / grid) * grid;
   return {static_cast<float>(centre), static_cast<float>(ldexp(1.0, -g)), ldexp(1.0, g)};
 }
@@ -360,16 +362,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 //
 // The same tiles, row splits and fp64 partials as syrk_kernel, with the products on the tensor
 // cores (16 x 16 x 16 fp16 wmma, fp32 results). Each centred, scaled value is staged as two fp16
-// numbers, y = hi + lo (mma_scale_of), and y_i y_j = hi_i hi_j + (lo_i lo_j + lo_i hi_j + hi_i lo_j):
-// four products per pair of values, chained on the tensor cores into two fragments per 16 x 16 block
-// over 256 rows and then flushed into fp64. `big` takes the hi hi products: integers whose running
-// sum stays within 2^24, so it is exact. `small` takes the other three, about 2^-8 of big, so the
-// tensor cores' rounding of its sums (toward zero, or not) stays far below fp32's rounding of the
-// result. Emulated on the CPU (products exact, small's sums rounded toward zero at every product),
-// the relative Frobenius error against float64 is 2.4-3.1e-8 on the CUDA tests' matrices and on a
-// real 32,000 x 256 embedding; one row 100x longer than the rest, which coarsens every column's G,
-// gives 7.6e-8 in bf16 and 2.1e-7 in fp16. fp32 W stays on syrk_kernel (its 24 bits do not split
-// exactly into two fp16 numbers).
+// numbers, y = hi + lo exactly (mma_scale_of), and y_i y_j = hi_i hi_j + (lo_i lo_j + lo_i hi_j +
+// hi_i lo_j): four products per pair of values, chained on the tensor cores into two fragments per
+// 16 x 16 block over 256 rows and then flushed into fp64. `big` takes the hi hi products: integers
+// whose running sum stays within 2^24, so it is exact. `small` takes the other three, about 2^-8
+// of big, so the tensor cores' rounding of its sums (toward zero, or not) stays far below fp32's
+// rounding of the result. Emulated on the CPU (products exact, small's sums rounded toward zero at
+// every product), the relative Frobenius error against float64 is 2.1-2.6e-8 on the CUDA tests'
+// matrices, on a real 32,000 x 256 embedding and with one row up to 1000x longer than the rest:
+// the rounding of the result to fp32. fp32 W stays on syrk_kernel (its 24 bits do not split into
+// two fp16 numbers).
 //
 // Block: 8 warps, each owning a 64 x 32 part of the 128 x 128 tile (4 x 2 fragments of 16 x 16).
 // The fp64 sums are kept per fragment element in the fragments' own (unspecified) element order:
@@ -394,7 +396,7 @@ static_assert(kMmaChunks == 4, "staging assumes 4 chunks of 8 values per thread"
 // for slot < 256. One warp.
 __global__ void mma_layout_kernel(int* __restrict__ map) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
-  __shared__ float block[16 * 16];
+  __shared__ __align__(32) float block[16 * 16];
   MmaAcc f;
   static_assert(MmaAcc::num_elements == 8, "an accumulator fragment holds 8 elements per lane");
   const int lane = threadIdx.x;
@@ -418,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const float* __restrict__ centre, const float* __restrict__ inv_scale,
                     int64_t rows_per_split, int64_t tiles, bool smem_acc, double* __restrict__ partial) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
-  extern __shared__ __align__(16) unsigned char mma_smem[];
+  extern __shared__ __align__(128) unsigned char mma_smem[];
   __half* stage = reinterpret_cast<__half*>(mma_smem);
   float* centre_s = reinterpret_cast<float*>(stage + 2 * 4 * kMmaPanel);  // [0, 128): A, [128, 256): B
   float* inv_s = centre_s + 2 * kTile;
@@ -440,9 +442,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int e = 0; e < kMmaFrags * 8; ++e) acc[e * 32] = 0.0;
   {
+    // Stored as [e][chunk] (chunk = tid / 8 of the 32 chunks of 8 columns): the staging loop's
+    // lanes then read consecutive words (no bank conflicts).
     const int64_t col = (tid < kTile ? i0 : j0) + tid % kTile;
-    centre_s[tid] = col < d ? centre[col] : 0.0f;
-    inv_s[tid] = col < d ? inv_scale[col] : 0.0f;
+    const int at = (tid % 8) * 32 + tid / 8;
+    centre_s[at] = col < d ? centre[col] : 0.0f;
+    inv_s[at] = col < d ? inv_scale[col] : 0.0f;
   }
   __syncthreads();
 
@@ -480,8 +485,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       __half* hi_dst = side == 0 ? hi_a : hi_b;
       __half* lo_dst = side == 0 ? lo_a : lo_b;
-      const float* c_s = centre_s + side * kTile + col8;
-      const float* v_s = inv_s + side * kTile + col8;
+      const float* c_s = centre_s + chunk;  // element e at c_s[32 * e]
+      const float* v_s = inv_s + chunk;
 #pragma unroll
       for (int u = 0; u < kMmaChunks; ++u) {
         const bool live = rows_left > 8 * u && count > 0;
@@ -490,12 +495,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int e = 0; e < 8; e += 2) {
           float h0 = 0.0f, l0 = 0.0f, h1 = 0.0f, l1 = 0.0f;
           if (live && e < count) {
-            const float y = (raw[u].get(e) - c_s[e]) * v_s[e];
+            const float y = (raw[u].get(e) - c_s[32 * e]) * v_s[32 * e];
             h0 = rintf(y);
             l0 = y - h0;
           }
           if (live && e + 1 < count) {
-            const float y = (raw[u].get(e + 1) - c_s[e + 1]) * v_s[e + 1];
+            const float y = (raw[u].get(e + 1) - c_s[32 * (e + 1)]) * v_s[32 * (e + 1)];
             h1 = rintf(y);
             l1 = y - h1;
           }
@@ -551,7 +556,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   if (smem_acc) {
-    for (int e = tid; e < kTile * kTile; e += kThreads) out[e] = acc_s[e];
+    // Each thread copies the slots it accumulated itself: no other warp's writes are read.
+    double* own = out + warp * kMmaFrags * 8 * 32 + lane;
+#pragma unroll
+    for (int e = 0; e < kMmaFrags * 8; ++e) own[e * 32] = acc[e * 32];
   }
 #endif
 }
@@ -685,7 +693,8 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
   const auto f32 = W.options().dtype(at::kFloat);
   const DeviceInfo info = device_info();
   const bool asked_mma = mma_requested();  // checked for every dtype: a bad value is an error
-  const bool mma = asked_mma && !std::is_same_v<T, float> && info.major >= 7;
+  const bool mma = asked_mma && !std::is_same_v<T, float> && info.major >= 7 &&
+                   static_cast<size_t>(info.smem_optin) >= kMmaSmemBase;
 
   // Pass 1: exact mean, and the sums of squares (simt) or the range (mma) that pick each column's
   // fp32 centre.

@@ -95,12 +95,17 @@ _SELF_CHECKS: dict[str, str | None] = {}
 
 
 def _device_key(device: torch.device) -> str:
-    if device.type == "cuda" and device.index is None:
+    """The self-check's key: the device, and on CUDA the covariance kernel REFFRAME_CUDA_KERNEL
+    asks for (read at every call, so each kernel is checked before its first use)."""
+    if device.type != "cuda":
+        return str(device)
+    name = str(device)
+    if device.index is None:
         try:
-            return f"cuda:{torch.cuda.current_device()}"
+            name = f"cuda:{torch.cuda.current_device()}"
         except (RuntimeError, AssertionError):
-            return "cuda"
-    return str(device)
+            name = "cuda"
+    return f"{name} ({os.environ.get('REFFRAME_CUDA_KERNEL') or 'simt'} kernel)"
 
 
 def native_self_check(device: torch.device) -> str | None:
