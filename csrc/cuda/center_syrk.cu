@@ -405,6 +405,8 @@ __global__ void mma_layout_kernel(int* __restrict__ map) {
   wmma::store_matrix_sync(block, f, 16, wmma::mem_row_major);
   __syncwarp();
   for (int p = lane; p < 256; p += 32) map[static_cast<int>(block[p])] = p;
+#else
+  __trap();  // built for a target without wmma: fail loudly (the self-check then falls back)
 #endif
 }
 
@@ -561,6 +563,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int e = 0; e < kMmaFrags * 8; ++e) own[e * 32] = acc[e * 32];
   }
+#else
+  __trap();  // built for a target without wmma: fail loudly (the self-check then falls back)
 #endif
 }
 
