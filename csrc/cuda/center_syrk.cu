@@ -168,6 +168,23 @@ __global__ void mean_finalize_kernel(const double* __restrict__ partial, int64_t
   }
 }
 
+// What one block of a covariance kernel works on: upper-triangle tile blockIdx.x (first rows i0,
+// j0 of its A and B columns), rows [row_begin, row_end) of W (row split blockIdx.y), and its fp64
+// slice of `partial`.
+struct BlockWork {
+  int64_t i0, j0, row_begin, row_end;
+  double* out;
+};
+
+__device__ inline BlockWork block_work(int64_t n, int64_t rows_per_split, int64_t tiles, double* partial) {
+  int64_t ti, tj;
+  tile_coords(blockIdx.x, ti, tj);
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t row_end = row_begin + rows_per_split < n ? row_begin + rows_per_split : n;
+  double* out = partial + (static_cast<int64_t>(blockIdx.y) * tiles + blockIdx.x) * kTile * kTile;
+  return {ti * kTile, tj * kTile, row_begin, row_end, out};
+}
+
 // Element e (0..7) of eight packed elements of type T, converted exactly to fp32.
 template <typename T>
 __device__ __forceinline__ float unpack(const uint32_t* words, int e);
@@ -251,14 +268,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ty = tid / 16, tx = tid % 16;  // compute position: rows by ty, columns by tx
   const int lr = tid / 16, lc = (tid % 16) * 8;  // load position: row lr of a step, columns lc..lc+7
 
-  int64_t ti, tj;
-  tile_coords(blockIdx.x, ti, tj);
-  const int64_t i0 = ti * kTile, j0 = tj * kTile;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t row_end = row_begin + rows_per_split < n ? row_begin + rows_per_split : n;
+  const BlockWork work = block_work(n, rows_per_split, tiles, partial);
+  const int64_t i0 = work.i0, j0 = work.j0, row_begin = work.row_begin, row_end = work.row_end;
   const int64_t steps = ceil_div(row_end - row_begin, kBK);
 
-  double* out = partial + (static_cast<int64_t>(blockIdx.y) * tiles + blockIdx.x) * kTile * kTile;
+  double* out = work.out;
   double* acc = smem_acc ? acc_s : out;
 #pragma unroll
   for (int e = 0; e < kPerThread; ++e) acc[e * kThreads + tid] = 0.0;
@@ -432,14 +446,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = tid / 32, lane = tid % 32;
   const int wm = warp % 2, wn = warp / 2;  // rows 64 wm .. +64, columns 32 wn .. +32 of the tile
 
-  int64_t ti, tj;
-  tile_coords(blockIdx.x, ti, tj);
-  const int64_t i0 = ti * kTile, j0 = tj * kTile;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
-  const int64_t row_end = row_begin + rows_per_split < n ? row_begin + rows_per_split : n;
+  const BlockWork work = block_work(n, rows_per_split, tiles, partial);
+  const int64_t i0 = work.i0, j0 = work.j0, row_begin = work.row_begin, row_end = work.row_end;
   const int64_t stages = ceil_div(row_end - row_begin, kMmaRows);
 
-  double* out = partial + (static_cast<int64_t>(blockIdx.y) * tiles + blockIdx.x) * kTile * kTile;
+  double* out = work.out;
   double* acc = (smem_acc ? acc_s : out) + warp * kMmaFrags * 8 * 32 + lane;
 #pragma unroll
   for (int e = 0; e < kMmaFrags * 8; ++e) acc[e * 32] = 0.0;
