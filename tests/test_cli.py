@@ -48,6 +48,22 @@ def test_build_then_verify_round_trip(tmp_path, capsys, dtype):
     assert "Verification passed" in capsys.readouterr().out
 
 
+def test_loaded_frame_saved_again(tmp_path, capsys):
+    """A frame read back and saved again verifies, keeps its provenance and takes the names given."""
+    model = seed_dir(tmp_path, torch.bfloat16, n=800, d=24)
+    assert main(["build", "--model-dir", str(model)]) == 0
+    capsys.readouterr()
+    first = refframe.load_frame(model / FRAME)
+    again = tmp_path / "again.safetensors"
+    refframe.save_frame(first, again, model_name="Renamed")
+    meta = refframe.load_frame(again).metadata
+    assert meta["model_name"] == "Renamed"
+    assert meta["w_hash"] == first.metadata["w_hash"] and meta["n_tokens"] == "800"
+    assert meta["metadata_hash"] != first.metadata["metadata_hash"]
+    assert main(["verify", str(again), "--model-dir", str(model)]) == 0
+    assert "metadata checksum matches" in capsys.readouterr().out
+
+
 def test_build_with_explicit_files_and_keys(tmp_path, capsys):
     W = make_w(500, 20, torch.float16)
     save_file({"lm_head": W}, tmp_path / "w.safetensors")

@@ -190,7 +190,10 @@ def test_not_a_safetensors_file(model, capsys):
     junk.write_text("name,value\nW,1.0\n" * 4)
     with pytest.raises(FileFormatError, match="not a safetensors file"):
         SafetensorsFile(junk)
-    expect_build_error(capsys, model, "junk.safetensors: not a safetensors file", w=junk)
+    expect_build_error(capsys, model, "junk.safetensors: not a safetensors file (it starts with text: 'name,val')", w=junk)
+    as_json = model["dir"] / "ids.json"
+    as_json.write_text('{"cluster_token_ids": [1, 2, 3]}\n')
+    expect_build_error(capsys, model, "ids.json: not a safetensors file (it starts with text: '{\"cluste')", w=as_json)
     tiny = model["dir"] / "tiny.safetensors"
     tiny.write_bytes(b"abc")
     expect_build_error(capsys, model, "tiny.safetensors: not a safetensors file (only 3 bytes)", w=tiny)
@@ -1066,8 +1069,37 @@ def test_verify_cluster_without_w(model, capsys):
 def test_verify_malformed_checksum_metadata(model, capsys):
     f = SafetensorsFile(model["out"])
     bad = model["dir"] / "meta.safetensors"
-    save_file({k: f.tensor(k) for k in f.keys()}, bad, metadata={**f.metadata, "tensor_hashes": "nonsense"})
+    meta = {k: v for k, v in f.metadata.items() if k != "metadata_hash"}  # as a file without one
+    save_file({k: f.tensor(k) for k in f.keys()}, bad, metadata={**meta, "tensor_hashes": "nonsense"})
     expect_verify_error(capsys, model, bad, "metadata 'tensor_hashes' is malformed", with_source=False)
+
+
+@pytest.mark.parametrize("edit", ["value", "one-byte", "added", "removed", "hash-itself"])
+def test_verify_edited_metadata(model, capsys, edit):
+    f = SafetensorsFile(model["out"])
+    meta = dict(f.metadata)
+    assert meta["metadata_hash"].startswith("xxh3_128:")
+    if edit == "value":
+        meta["n_tokens"] = str(int(meta["n_tokens"]) + 1)
+    elif edit == "one-byte":
+        meta["model_name"] = "r" + meta["model_name"][1:] if meta["model_name"] else "x"
+    elif edit == "added":
+        meta["note"] = "added later"
+    elif edit == "removed":
+        del meta["cluster_size"]
+    else:
+        meta["metadata_hash"] = "xxh3_128:" + "0" * 32
+    bad = model["dir"] / "edited.safetensors"
+    save_file({k: f.tensor(k) for k in f.keys()}, bad, metadata=meta)
+    with pytest.raises(VerificationError, match="metadata does not match the checksum"):
+        refframe.verify_frame(bad)
+    expect_verify_error(capsys, model, bad, "the metadata does not match the checksum recorded", with_source=False)
+    expect_verify_error(capsys, model, bad, "the metadata does not match the checksum recorded")
+
+
+def test_verify_reports_metadata_checksum(model):
+    res = refframe.verify_frame(model["out"])
+    assert "metadata checksum matches the one recorded at write time" in res.checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1142,7 +1174,13 @@ def test_metadata_strings_are_data(model, capsys, tmp_path, monkeypatch):
     }
     f = SafetensorsFile(model["out"])
     meta_file = model["dir"] / "meta.safetensors"
-    save_file({k: f.tensor(k) for k in f.keys()}, meta_file, metadata={**f.metadata, **evil})
+    edited = {**f.metadata, **evil}
+    save_file({k: f.tensor(k) for k in f.keys()}, meta_file, metadata=edited)
+    with pytest.raises(VerificationError, match="metadata does not match the checksum"):
+        refframe.verify_frame(meta_file)
+    # The same values in a file without the checksum (another writer): read as plain data.
+    del edited["metadata_hash"]
+    save_file({k: f.tensor(k) for k in f.keys()}, meta_file, metadata=edited)
     before = snapshot(tmp_path)
     frame = refframe.load_frame(meta_file)
     assert {k: frame.metadata[k] for k in evil} == evil

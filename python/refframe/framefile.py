@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import xxhash
 
 from .frame import Frame
 from .io import SafetensorsFile, atomic_write_files, hash_tensor, safetensors_chunks
@@ -19,6 +21,7 @@ FRAME_KEYS = (KEY_CENTROID, KEY_EIGENVALUES, KEY_EIGENVECTORS)
 FORMAT = "refframe-frame/1"
 SIGN_CONVENTION = "largest-magnitude component of each eigenvector is positive"
 TENSOR_HASHES = "tensor_hashes"
+METADATA_HASH = "metadata_hash"
 
 
 def frame_metadata(
@@ -43,6 +46,9 @@ def frame_metadata(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     meta.update(frame.metadata)
+    # Values given here win over those a loaded frame carries from its file.
+    given = {"model_name": model_name, "source_dtype": source_dtype, "w_hash": w_hash}
+    meta.update({k: v for k, v in given.items() if v})
     return meta
 
 
@@ -67,6 +73,16 @@ def parse_tensor_hashes(value: str) -> dict[str, str] | None:
     return out
 
 
+def hash_metadata(meta: dict[str, str]) -> str:
+    """Checksum (xxh3-128) of every metadata entry but `metadata_hash` itself, in key order."""
+    h = xxhash.xxh3_128()
+    for k in sorted(meta):
+        if k != METADATA_HASH:
+            h.update(json.dumps([k, meta[k]], ensure_ascii=False).encode("utf-8"))
+            h.update(b"\n")
+    return "xxh3_128:" + h.hexdigest()
+
+
 def frame_file_chunks(
     frame: Frame,
     *,
@@ -77,12 +93,14 @@ def frame_file_chunks(
 ) -> list:
     """The bytes of the frame's file, as io.safetensors_chunks gives them (views, not copies).
 
-    The metadata records a checksum of each tensor (`tensor_hashes`) that verify_frame checks;
+    The metadata records a checksum of each tensor (`tensor_hashes`) and one of the other metadata
+    entries (`metadata_hash`) that verify_frame checks;
     `checksums` may hold some of them already computed (frames sharing one PCA share those)."""
     tensors = frame_tensors(frame)
     known = checksums or {}
     meta = frame_metadata(frame, model_name=model_name, source_dtype=source_dtype, w_hash=w_hash)
     meta[TENSOR_HASHES] = ",".join(f"{k}={known.get(k) or hash_tensor(tensors[k])}" for k in FRAME_KEYS)
+    meta[METADATA_HASH] = hash_metadata(meta)
     return safetensors_chunks(tensors, meta)
 
 

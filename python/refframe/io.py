@@ -105,7 +105,13 @@ class SafetensorsFile:
                 size = os.fstat(fh.fileno()).st_size
                 if size < 8:
                     raise FileFormatError(f"{p}: not a safetensors file (only {size} bytes)")
-                (hlen,) = struct.unpack("<Q", fh.read(8))
+                head = fh.read(8)
+                if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+                    # A real header length below the byte limit has zero high bytes, never text.
+                    raise FileFormatError(
+                        f"{p}: not a safetensors file (it starts with text: {head.decode('ascii')!r})"
+                    )
+                (hlen,) = struct.unpack("<Q", head)
                 if hlen > size - 8:
                     raise FileFormatError(
                         f"{p}: not a safetensors file or truncated (header length {hlen} exceeds the "

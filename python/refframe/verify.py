@@ -19,8 +19,10 @@ from .framefile import (
     KEY_CENTROID,
     KEY_EIGENVALUES,
     KEY_EIGENVECTORS,
+    METADATA_HASH,
     SIGN_CONVENTION,
     TENSOR_HASHES,
+    hash_metadata,
     parse_tensor_hashes,
 )
 from .io import SafetensorsFile, hash_tensor
@@ -121,7 +123,8 @@ def verify_frame(
     descending and non-negative, eigenvectors orthonormal. With W: the eigenpairs satisfy
     Wc^T Wc v / N = lambda v (leading pairs, Rayleigh quotients, random probes, trace). With ids:
     the centroid equals the mean of W[ids]. Last, the checksums of the tensors recorded in the
-    metadata (`tensor_hashes`), so any damage after writing is caught even without W.
+    metadata (`tensor_hashes`), so any damage after writing is caught even without W; the checksum
+    of the metadata itself (`metadata_hash`) is checked first.
 
     A frame file that is not well-formed safetensors (truncated, corrupted header) raises
     VerificationError; a missing or unreadable one raises InputError. A malformed W or ids raise
@@ -135,6 +138,16 @@ def verify_frame(
     d = evals.shape[0]
     res = VerifyResult(d=d)
     res.checks.append(f"keys, dtypes and shapes: {', '.join(FRAME_KEYS)} float32, d = {d}")
+    # First, as the checks below read the metadata (n_tokens, w_hash, eigenvector_signs).
+    recorded_meta = f.metadata.get(METADATA_HASH)
+    if recorded_meta is not None:
+        if hash_metadata(f.metadata) != recorded_meta:
+            raise _fail(
+                path,
+                "the metadata does not match the checksum recorded when the file was written "
+                f"(an entry was edited, added or removed since; {METADATA_HASH!r} covers all the others)",
+            )
+        res.checks.append("metadata checksum matches the one recorded at write time")
 
     lam = evals.to(torch.float64)
     scale = float(lam.abs().max())
