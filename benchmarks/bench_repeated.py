@@ -2,7 +2,7 @@
 
 import sys
 
-from refframe.bench_repeated import main
+from refframe.bench.repeated import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,36 +20,37 @@ from .errors import (
     ResourceError,
     VerificationError,
 )
+from .layout import __version__
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editors
+    from ._native import last_cpu_covariance, native_available, native_status
+    from .build import build_frame, build_frame_cached, build_frames, pca, save_frames
     from .cache import PCACache
-    from .checkpoint import load_checkpoint_w
-    from .frame import Frame, VarianceReport, build_frame, pca
-    from .framefile import load_frame, save_frame
-    from .multi import build_frame_cached, build_frames, save_frames
-    from .ops import covariance, gather_mean, last_cpu_covariance, native_available, native_status, segment_mean
+    from .frame import Frame, VarianceReport, load_frame, save_frame
+    from .inputs import load_checkpoint_w
+    from .ops import covariance, gather_mean, segment_mean
     from .verify import VerifyResult, verify_frame
 
 # The rest of the API loads torch, so it is imported on first use: `import refframe` (and the
 # command line's --help) stays fast, and Ctrl-C while torch loads is an ordinary interrupt.
 _LAZY = {
     "PCACache": "cache",
-    "load_checkpoint_w": "checkpoint",
+    "load_checkpoint_w": "inputs",
     "Frame": "frame",
     "VarianceReport": "frame",
-    "build_frame": "frame",
-    "pca": "frame",
-    "load_frame": "framefile",
-    "save_frame": "framefile",
-    "build_frame_cached": "multi",
-    "build_frames": "multi",
-    "save_frames": "multi",
+    "load_frame": "frame",
+    "save_frame": "frame",
+    "build_frame": "build",
+    "build_frame_cached": "build",
+    "build_frames": "build",
+    "pca": "build",
+    "save_frames": "build",
     "covariance": "ops",
     "gather_mean": "ops",
-    "last_cpu_covariance": "ops",
-    "native_available": "ops",
-    "native_status": "ops",
     "segment_mean": "ops",
+    "last_cpu_covariance": "_native",
+    "native_available": "_native",
+    "native_status": "_native",
     "VerifyResult": "verify",
     "verify_frame": "verify",
 }
@@ -67,8 +68,6 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendError",

@@ -1,6 +1,6 @@
 """The PCA cache: the mean, eigenvalues and eigenvectors of a W, computed once and reused.
 
-An entry is keyed by W's content hash (io.hash_tensor: xxh3-128 of dtype, shape and bytes) and a
+An entry is keyed by W's content hash (tensorfile.hash_tensor: xxh3-128 of dtype, shape and bytes) and a
 numerics tag (NUMERICS_VERSION and the eigh dtype). The tag does not name the backend or device: a
 PCA computed by the native kernels serves a torch build and the other way round (the entry records
 which one computed it). Bump NUMERICS_VERSION whenever the maths that produces the PCA changes.
@@ -13,7 +13,7 @@ Layout of the cache directory (default $REFFRAME_CACHE_DIR, else $XDG_CACHE_HOME
                                    inode, device -> content hash, as git's index does
     .lock                          fcntl.flock'ed while an entry or the index is written
 
-Safety: entries and the index are written to a temporary file and renamed (io.atomic_write_bytes),
+Safety: entries and the index are written to a temporary file and renamed (atomic.atomic_write_bytes),
 under the lock, so concurrent builds never see or leave a partial file. An entry whose checksum,
 shapes or metadata do not match is ignored with a RefframeWarning and rebuilt; so is a corrupt
 index. A cache that cannot be written (read-only, disk full) only costs a warning.
@@ -38,9 +38,11 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import io as _io
+from . import tensorfile
+from .atomic import atomic_write_bytes
 from .errors import RefframeError, RefframeWarning
-from .io import save_tensors
+from .layout import __version__
+from .tensorfile import save_tensors
 
 try:
     import fcntl
@@ -235,7 +237,7 @@ class PCACache:
                     keep = sorted(files.items(), key=lambda kv: -_hashed_ns(kv[1]))[:INDEX_LIMIT]
                     files = dict(keep)
                 body = json.dumps({"format": INDEX_FORMAT, "files": files}, indent=0).encode()
-                _io.atomic_write_bytes(self.index_path, [body], durable=self.durable)
+                atomic_write_bytes(self.index_path, [body], durable=self.durable)
         except (OSError, RefframeError) as exc:
             _warn(
                 f"could not update the PCA cache index in {self.dir} ({_why(exc)}); W will be hashed again next time"
@@ -247,7 +249,6 @@ class PCACache:
         path: str | os.PathLike[str] | None = None,
         key: str = "",
         progress: Callable[[int, int], None] | None = None,
-        hash_fn: Callable[..., str] | None = None,
     ) -> HashResult:
         """W's content hash: from the index if `path` (the file W is memory-mapped from) is
         unchanged since it was last hashed, else by hashing W (and recording it)."""
@@ -262,7 +263,7 @@ class PCACache:
             except (OSError, ValueError):
                 before = None
         hashed_ns = time.time_ns()
-        w_hash = (hash_fn or _io.hash_tensor)(W, progress=progress)
+        w_hash = tensorfile.hash_tensor(W, progress=progress)
         seconds = time.perf_counter() - t0
         if path is not None and before is not None:
             try:
@@ -294,15 +295,15 @@ class PCACache:
             return None
 
     def _read_entry(self, p: Path, w_hash: str, tag: str, d: int | None) -> CachedPCA:
-        f = _io.SafetensorsFile(p)
+        f = tensorfile.SafetensorsFile(p)
         meta = f.metadata
         if meta.get("format") != ENTRY_FORMAT:
-            raise ValueError(f"format {_io.short_repr(meta.get('format'))}, expected {ENTRY_FORMAT}")
+            raise ValueError(f"format {tensorfile.short_repr(meta.get('format'))}, expected {ENTRY_FORMAT}")
         if meta.get("w_hash") != w_hash or meta.get("numerics") != tag:
             raise ValueError("its metadata names another W or other numerics")
         keys = (KEY_MEAN, KEY_EIGENVALUES, KEY_EIGENVECTORS)
         if sorted(f.keys()) != sorted(keys):
-            raise ValueError(f"tensors {_io.key_list(f.keys())}, expected {', '.join(keys)}")
+            raise ValueError(f"tensors {tensorfile.key_list(f.keys())}, expected {', '.join(keys)}")
         t = {k: f.tensor(k) for k in keys}
         dim = t[KEY_MEAN].shape[0] if t[KEY_MEAN].dim() == 1 else -1
         if (
@@ -338,8 +339,6 @@ class PCACache:
     ) -> Path | None:
         """Write the entry (atomically, under the lock); returns its path, or None (with a warning)
         if the cache cannot be written. An intact entry written meanwhile by another build is kept."""
-        from . import __version__
-
         p = self.entry_path(w_hash, tag)
         t = {
             KEY_MEAN: mean.detach().to("cpu", torch.float32).contiguous(),

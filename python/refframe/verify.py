@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import check_ids, check_w, nonfinite_error
 from .errors import FileFormatError, VerificationError
-from .frame import check_ids, check_w, nonfinite_error
-from .framefile import (
+from .frame import (
     FRAME_KEYS,
     KEY_CENTROID,
     KEY_EIGENVALUES,
@@ -25,7 +25,7 @@ from .framefile import (
     hash_metadata,
     parse_tensor_hashes,
 )
-from .io import SafetensorsFile, hash_tensor
+from .tensorfile import SafetensorsFile, hash_tensor
 
 # Tolerances, relative to lambda_1 unless said otherwise. A correct fp32 frame sits orders of
 # magnitude below them (residual ~5e-7, Rayleigh quotient ~1e-7, orthogonality ~1e-6).
@@ -138,18 +138,36 @@ def verify_frame(
     d = evals.shape[0]
     res = VerifyResult(d=d)
     res.checks.append(f"keys, dtypes and shapes: {', '.join(FRAME_KEYS)} float32, d = {d}")
-    # First, as the checks below read the metadata (n_tokens, w_hash, eigenvector_signs).
-    recorded_meta = f.metadata.get(METADATA_HASH)
-    if recorded_meta is not None:
-        if hash_metadata(f.metadata) != recorded_meta:
-            raise _fail(
-                path,
-                "the metadata does not match the checksum recorded when the file was written "
-                f"(an entry was edited, added or removed since; {METADATA_HASH!r} covers all the others)",
-            )
-        res.checks.append("metadata checksum matches the one recorded at write time")
+    _check_metadata_hash(path, f, res)  # first: the checks below read the metadata
+    lam = _check_eigenvalues(path, evals, res)
+    V = _check_eigenvectors(path, f, evecs, res)
+    if W is not None:
+        _check_against_w(path, f, W, lam, V, res, seed, w_name, w_content_hash)
+    if ids is not None:
+        if W is None:
+            raise VerificationError(f"{path}: checking the centroid needs W as well as the cluster ids")
+        _check_centroid(path, centroid, W, ids, res, ids_name)
+    _check_tensor_hashes(path, f, (centroid, evals, evecs), res)
+    return res
 
+
+def _check_metadata_hash(path: object, f: SafetensorsFile, res: VerifyResult) -> None:
+    recorded = f.metadata.get(METADATA_HASH)
+    if recorded is None:  # a file written before metadata_hash existed
+        return
+    if hash_metadata(f.metadata) != recorded:
+        raise _fail(
+            path,
+            "the metadata does not match the checksum recorded when the file was written "
+            f"(an entry was edited, added or removed since; {METADATA_HASH!r} covers all the others)",
+        )
+    res.checks.append("metadata checksum matches the one recorded at write time")
+
+
+def _check_eigenvalues(path: object, evals: torch.Tensor, res: VerifyResult) -> torch.Tensor:
+    """Not all zero, descending, non-negative (to tolerances relative to the largest); as fp64."""
     lam = evals.to(torch.float64)
+    d = lam.shape[0]
     scale = float(lam.abs().max())
     if scale == 0.0:
         raise _fail(path, "all eigenvalues are zero")
@@ -167,14 +185,17 @@ def verify_frame(
             f"negative eigenvalue {float(lam.min()):.6g} (a covariance is positive semidefinite)",
         )
     res.checks.append("eigenvalues finite, descending, non-negative")
+    return lam
 
+
+def _check_eigenvectors(path: object, f: SafetensorsFile, evecs: torch.Tensor, res: VerifyResult) -> torch.Tensor:
+    """Orthonormal, and signed as the file's metadata says (when it names the convention); as fp64."""
     V = evecs.to(torch.float64)
-    ortho = float((V.T @ V - torch.eye(d, dtype=torch.float64)).abs().max())
+    ortho = float((V.T @ V - torch.eye(V.shape[0], dtype=torch.float64)).abs().max())
     res.stats["orthonormality"] = ortho
     if not ortho <= TOL_ORTHO:
         raise _fail(path, f"eigenvectors are not orthonormal: max |V^T V - I| = {ortho:.3g} > {TOL_ORTHO:g}")
     res.checks.append(f"eigenvectors orthonormal (max |V^T V - I| = {ortho:.2e})")
-
     if f.metadata.get("eigenvector_signs") == SIGN_CONVENTION:
         idx = evecs.abs().argmax(dim=0)
         lead = evecs.gather(0, idx.unsqueeze(0)).squeeze(0)
@@ -187,59 +208,77 @@ def verify_frame(
                 f"W_eigenvectors[{int(idx[i])}, {i}] = {float(lead[i]):.6g} is negative)",
             )
         res.checks.append("eigenvector signs follow the convention")
+    return V
 
-    if W is not None:
-        check_w(W, w_name)
-        if W.shape[1] != d:
-            raise _fail(path, f"{w_name} has d = {W.shape[1]} columns, the frame has d = {d}")
-        n_meta = f.metadata.get("n_tokens", "")
-        if n_meta.isascii() and n_meta.isdigit() and int(n_meta) != W.shape[0]:
-            raise _fail(path, f"{w_name} has N = {W.shape[0]} rows, the frame was built from N = {n_meta}")
-        recorded = f.metadata.get("w_hash", "")
-        same_w = None if not recorded else (w_content_hash or hash_tensor(W)) == recorded
-        if same_w:
-            res.checks.append(f"{w_name} is the matrix the frame was built from (content hash)")
-        try:
-            _check_maths(path, W, lam, V, scale, res, seed, w_name)
-        except VerificationError as exc:
-            if same_w is False:  # the likely reason, said with the failure
-                raise VerificationError(
-                    f"{exc}; note: {w_name} is not the matrix the frame was built from (its content hash "
-                    "differs from the one recorded at build time)"
-                ) from None
-            raise
 
-    if ids is not None:
-        if W is None:
-            raise VerificationError(f"{path}: checking the centroid needs W as well as the cluster ids")
-        ids64 = check_ids(ids, W.shape[0], ids_name)
-        c64 = W[ids64.to(W.device)].to(torch.float64).mean(dim=0).cpu()
-        err = float((centroid.to(torch.float64) - c64).norm() / max(float(c64.norm()), 1e-300))
-        res.stats["centroid"] = err
-        if not err <= TOL_CENTROID:
+def _check_against_w(
+    path: object,
+    f: SafetensorsFile,
+    W: torch.Tensor,
+    lam: torch.Tensor,
+    V: torch.Tensor,
+    res: VerifyResult,
+    seed: int,
+    w_name: str,
+    w_content_hash: str | None,
+) -> None:
+    """W's shape against the frame's, its content hash against w_hash, then the eigenpairs."""
+    check_w(W, w_name)
+    d = lam.shape[0]
+    if W.shape[1] != d:
+        raise _fail(path, f"{w_name} has d = {W.shape[1]} columns, the frame has d = {d}")
+    n_meta = f.metadata.get("n_tokens", "")
+    if n_meta.isascii() and n_meta.isdigit() and int(n_meta) != W.shape[0]:
+        raise _fail(path, f"{w_name} has N = {W.shape[0]} rows, the frame was built from N = {n_meta}")
+    recorded = f.metadata.get("w_hash", "")
+    same_w = None if not recorded else (w_content_hash or hash_tensor(W)) == recorded
+    if same_w:
+        res.checks.append(f"{w_name} is the matrix the frame was built from (content hash)")
+    try:
+        _check_maths(path, W, lam, V, float(lam.abs().max()), res, seed, w_name)
+    except VerificationError as exc:
+        if same_w is False:  # the likely reason, said with the failure
+            raise VerificationError(
+                f"{exc}; note: {w_name} is not the matrix the frame was built from (its content hash "
+                "differs from the one recorded at build time)"
+            ) from None
+        raise
+
+
+def _check_centroid(
+    path: object, centroid: torch.Tensor, W: torch.Tensor, ids: torch.Tensor, res: VerifyResult, ids_name: str
+) -> None:
+    ids64 = check_ids(ids, W.shape[0], ids_name, warn_duplicates=True).to("cpu")
+    c64 = W[ids64.to(W.device)].to(torch.float64).mean(dim=0).cpu()
+    err = float((centroid.to(torch.float64) - c64).norm() / max(float(c64.norm()), 1e-300))
+    res.stats["centroid"] = err
+    if not err <= TOL_CENTROID:
+        raise _fail(
+            path,
+            f"{KEY_CENTROID} differs from the mean of W[ids] over {ids64.numel()} ids "
+            f"(relative error {err:.3g} > {TOL_CENTROID:g})",
+        )
+    res.checks.append(f"centroid = mean of W[ids] over {ids64.numel()} ids (relative error {err:.2e})")
+
+
+def _check_tensor_hashes(
+    path: object, f: SafetensorsFile, tensors: tuple[torch.Tensor, ...], res: VerifyResult
+) -> None:
+    """The tensors against the checksums recorded at write time (files without them: skipped)."""
+    recorded = f.metadata.get(TENSOR_HASHES)
+    if recorded is None:
+        return
+    hashes = parse_tensor_hashes(recorded)
+    if hashes is None or set(hashes) != set(FRAME_KEYS):
+        raise _fail(path, f"metadata {TENSOR_HASHES!r} is malformed (expected key=xxh3_128:... for each tensor)")
+    for k, t in zip(FRAME_KEYS, tensors):
+        if hash_tensor(t) != hashes[k]:
             raise _fail(
                 path,
-                f"{KEY_CENTROID} differs from the mean of W[ids] over {ids64.numel()} ids "
-                f"(relative error {err:.3g} > {TOL_CENTROID:g})",
+                f"{k} does not match the checksum recorded when the file was written "
+                "(changed or damaged since)",
             )
-        res.checks.append(f"centroid = mean of W[ids] over {ids64.numel()} ids (relative error {err:.2e})")
-
-    recorded = f.metadata.get(TENSOR_HASHES)
-    if recorded is not None:
-        hashes = parse_tensor_hashes(recorded)
-        if hashes is None or set(hashes) != set(FRAME_KEYS):
-            raise _fail(
-                path, f"metadata {TENSOR_HASHES!r} is malformed (expected key=xxh3_128:... for each tensor)"
-            )
-        for k, t in zip(FRAME_KEYS, (centroid, evals, evecs)):
-            if hash_tensor(t) != hashes[k]:
-                raise _fail(
-                    path,
-                    f"{k} does not match the checksum recorded when the file was written "
-                    "(changed or damaged since)",
-                )
-        res.checks.append("tensor checksums match the ones recorded at write time")
-    return res
+    res.checks.append("tensor checksums match the ones recorded at write time")
 
 
 def _check_maths(

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,66 +24,21 @@ from pathlib import Path
 
 import torch
 
-from . import ops
-from .frame import build_frame
-from .io import save_tensors
-from .sources import load_w
-from .synthetic import SyntheticSpec, make_synthetic
-
-FULL = SyntheticSpec()
-SMALL = SyntheticSpec(n_tokens=16384, dim=512, cluster_size=256, rank=64, total_variance=0.224)
-
-
-def _median_spread(xs: list[float]) -> tuple[float, float]:
-    return statistics.median(xs), (max(xs) - min(xs)) if len(xs) > 1 else 0.0
-
-
-def time_alternating(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Run each function once to warm up, then `reps` rounds of all of them. The order rotates from
-    one round to the next, so no function always runs right after the same other one (e.g. after
-    the pure-torch path has freed its 3 GB of copies)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(reps):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def gemm_rate(n: int = 4096) -> dict[str, float]:
-    """fp32 GEMM GFLOP/s of torch (MKL) and numpy (its BLAS) on n^3, best of 3."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    an, bn = a.numpy(), b.numpy()
-    rates = {}
-    for name, fn in (("torch", lambda: a @ b), ("numpy", lambda: an @ bn)):
-        fn()
-        best = min(_timed(fn) for _ in range(3))
-        rates[name] = 2 * n**3 / best / 1e9
-    return rates
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory. VmHWM belongs to the current address space, so unlike
-    ru_maxrss on Linux it does not carry over the parent's peak through fork and exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+from .. import _native, ops
+from ..build import build_frame
+from ..inputs import load_w
+from ..synthetic import SyntheticSpec, make_synthetic
+from ..tensorfile import save_tensors
+from .common import (
+    FULL,
+    SMALL,
+    cpu_model,
+    gemm_rate,
+    git_commit,
+    median_spread,
+    peak_rss_bytes,
+    time_alternating,
+)
 
 
 def child_main(w_path: str, backend: str, ids_n: int) -> None:
@@ -95,18 +48,17 @@ def child_main(w_path: str, backend: str, ids_n: int) -> None:
     t0 = time.perf_counter()
     build_frame(W, ids, backend=backend, device="cpu")
     dt = time.perf_counter() - t0
-    print(json.dumps({"backend": backend, "seconds": dt, "peak_rss_bytes": _peak_rss_bytes()}))
+    print(json.dumps({"backend": backend, "seconds": dt, "peak_rss_bytes": peak_rss_bytes()}))
 
 
 def peak_rss(w_path: Path, backend: str, ids_n: int) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "refframe.bench", "--child", str(w_path), backend, str(ids_n)]
+    cmd = [sys.executable, "-m", "refframe.bench.kernels", "--child", str(w_path), backend, str(ids_n)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(spec: SyntheticSpec, reps: int, log: Callable[[str], None]) -> dict[str, object]:
     n, d = spec.n_tokens, spec.dim
-    flops = n * d * (d + 1)
     log(f"Generating synthetic W {n:,} x {d:,} bf16 ...")
     W, ids = make_synthetic(spec)
     results: dict[str, object] = {
@@ -115,20 +67,39 @@ def run(spec: SyntheticSpec, reps: int, log: Callable[[str], None]) -> dict[str,
         "cluster_size": int(ids.numel()),
         "reps": reps,
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "platform": platform.platform(),
-            "native": ops.native_status(),
-            "commit": _git_commit(),
+            "native": _native.native_status(),
+            "commit": git_commit(),
         },
     }
-    have_native = ops.native_available()
+    backends = ["native", "torch"] if _native.native_available() else ["torch"]
     log("Measuring the fp32 GEMM ceiling ...")
     results["gemm_gflops"] = gemm_rate()
+    stages, peers = _time_stages(W, ids, backends, reps, results, log)
+    results["stages"] = {
+        stage: {b: dict(zip(("median", "spread"), median_spread(ts))) for b, ts in per.items()}
+        for stage, per in stages.items()
+    }
+    results["peers"] = peers
+    _summarise(results, n * d * (d + 1))
+    W = None  # free it before the subprocesses measure their own peak
+    log("Measuring peak RSS of a whole build per backend (fresh subprocesses) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        w_path = Path(tmp) / "W.safetensors"
+        save_tensors(w_path, {"W": make_synthetic(spec)[0]})
+        results["peak_rss"] = {b: peak_rss(w_path, b, spec.cluster_size) for b in backends}
+    results["covariance_seconds_torch"] = results["stages"]["covariance"]["torch"]["median"]
+    return results
 
+
+def _time_stages(
+    W: torch.Tensor, ids: torch.Tensor, backends: list[str], reps: int, results: dict, log: Callable[[str], None]
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]]]:
+    """Times of each stage per backend, alternated, and the peers' rows (numpy, scikit-learn)."""
     stages: dict[str, dict[str, list[float]]] = {}
-    backends = ["native", "torch"] if have_native else ["torch"]
     # numpy's syrk on a ready, centred fp32 copy joins the covariance rounds, so its ratio to the
     # native kernel is measured under the same machine state (this machine's speed drifts).
     Xc, copy_seconds = _numpy_copy(W, log)
@@ -141,7 +112,7 @@ def run(spec: SyntheticSpec, reps: int, log: Callable[[str], None]) -> dict[str,
     Xc = None
     stages["covariance"] = cov_times
     _, cov = ops.covariance(W, backend=backends[0])
-    last = ops.last_cpu_covariance()
+    last = _native.last_cpu_covariance()
     if last is not None:
         results["machine"]["cpu_covariance"] = {"kernel_set": last[0], "columns_multiplied": last[1]}
     log("Timing eigh, centroid and the whole build ...")
@@ -152,38 +123,27 @@ def run(spec: SyntheticSpec, reps: int, log: Callable[[str], None]) -> dict[str,
     stages["build_frame"] = time_alternating(
         {b: (lambda b=b: build_frame(W, ids, backend=b, device="cpu")) for b in backends}, max(1, reps // 2)
     )
-
     peers = _peers(W, reps, log, numpy_times, stages["covariance"].get("native"), copy_seconds)
-    results["stages"] = {
-        stage: {b: dict(zip(("median", "spread"), _median_spread(ts))) for b, ts in per.items()}
-        for stage, per in stages.items()
+    return stages, peers
+
+
+def _summarise(results: dict, flops: int) -> None:
+    """GFLOP/s of the covariance and the native speedups against torch and the peers."""
+    st = results["stages"]
+    peers = results["peers"]
+    results["covariance_gflops"] = {b: flops / v["median"] / 1e9 for b, v in st["covariance"].items()}
+    cov_native = st["covariance"].get("native", {}).get("median")
+    if not cov_native:
+        return
+    results["speedup"] = {
+        stage: per["torch"]["median"] / per["native"]["median"]
+        for stage, per in st.items()
+        if "native" in per and "torch" in per
     }
-    results["peers"] = peers
-    cov_native = results["stages"]["covariance"].get("native", {}).get("median")
-    cov_torch = results["stages"]["covariance"]["torch"]["median"]
-    results["covariance_gflops"] = {
-        b: flops / v["median"] / 1e9 for b, v in results["stages"]["covariance"].items()
-    }
-    if cov_native:
-        results["speedup"] = {
-            stage: per["torch"]["median"] / per["native"]["median"]
-            for stage, per in results["stages"].items()
-            if "native" in per and "torch" in per
-        }
-        if "numpy_syrk" in peers:
-            results["speedup"]["covariance_vs_numpy_syrk"] = peers["numpy_syrk"]["median"] / cov_native
-        if "sklearn_fit" in peers:
-            results["speedup"]["build_vs_sklearn_fit"] = (
-                peers["sklearn_fit"]["median"] / results["stages"]["build_frame"]["native"]["median"]
-            )
-    W = None  # free it before the subprocesses measure their own peak
-    log("Measuring peak RSS of a whole build per backend (fresh subprocesses) ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        w_path = Path(tmp) / "W.safetensors"
-        save_tensors(w_path, {"W": make_synthetic(spec)[0]})
-        results["peak_rss"] = {b: peak_rss(w_path, b, spec.cluster_size) for b in backends}
-    results["covariance_seconds_torch"] = cov_torch
-    return results
+    if "numpy_syrk" in peers:
+        results["speedup"]["covariance_vs_numpy_syrk"] = peers["numpy_syrk"]["median"] / cov_native
+    if "sklearn_fit" in peers:
+        results["speedup"]["build_vs_sklearn_fit"] = peers["sklearn_fit"]["median"] / st["build_frame"]["native"]["median"]
 
 
 def _numpy_copy(W: torch.Tensor, log: Callable[[str], None]) -> tuple[object | None, float]:
@@ -209,7 +169,7 @@ def _peers(
     peers: dict[str, dict[str, float]] = {}
     if numpy_times is None:
         return peers
-    med, spread = _median_spread(numpy_times)
+    med, spread = median_spread(numpy_times)
     peers["numpy_syrk"] = {"median": med, "spread": spread, "copy_seconds": copy_seconds}
     if native_times:
         # per-round ratios: each pair of runs saw the same machine state
@@ -223,27 +183,9 @@ def _peers(
     log("Timing scikit-learn PCA(svd_solver='covariance_eigh').fit on the fp32 copy ...")
     X = W.to(torch.float32).numpy()
     ts = time_alternating({"sk": lambda: PCA(svd_solver="covariance_eigh").fit(X)}, max(1, reps // 2))["sk"]
-    med, spread = _median_spread(ts)
+    med, spread = median_spread(ts)
     peers["sklearn_fit"] = {"median": med, "spread": spread}
     return peers
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def format_table(r: dict) -> str:
@@ -305,10 +247,7 @@ def format_table(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.repeated:
-        from .bench_repeated import main as repeated_main
-
-        return repeated_main([*(["--small"] if args.small else []), *(["--json"] if args.json else [])])
+    """`refframe bench` (args: small, reps, json)."""
     spec = SMALL if args.small else FULL
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
     r = run(spec, args.reps, log)

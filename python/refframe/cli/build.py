@@ -20,25 +20,32 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .cache import PCACache, cache_disabled_by_env
-from .checkpoint import CheckpointMatrix, is_checkpoint_dir, locate
-from .cli import say
-from .errors import InputError, OutputError
-from .frame import Frame, check_ids, check_w, plan
-from .io import SafetensorsFile, check_output_path, hash_tensor
-from .multi import build_validated, frame_path, save_frames
-from .names import EIGH_DTYPE_NAMES
-from .ops import native_status
-from .progress import Progress
-from .sources import CLUSTER_FILENAME, CLUSTER_KEY, W_FILENAME, W_KEY, load_ids, load_w, seed_paths
+from .._native import native_status
+from ..atomic import check_output_path
+from ..build import BuildResult, Options, build, frame_path, plan, save_frames
+from ..cache import PCACache, cache_disabled_by_env
+from ..checks import check_w
+from ..errors import InputError, OutputError
+from ..frame import Frame
+from ..inputs import (
+    CheckpointMatrix,
+    cluster_name,
+    is_checkpoint_dir,
+    load_w,
+    locate,
+    read_clusters,
+    seed_paths,
+)
+from ..layout import CLUSTER_FILENAME, EIGH_DTYPE_NAMES, W_FILENAME, W_KEY, __version__
+from ..progress import Progress
+from ..tensorfile import SafetensorsFile
+from .console import say
 
 EIGH_DTYPES = {name: getattr(torch, name) for name in EIGH_DTYPE_NAMES}
 
@@ -57,15 +64,6 @@ def report_frame(frame: Frame) -> None:
     say(f"✓ Cluster centroid of {frame.cluster_size:,} tokens")
     say(f"  Norm: {float(torch.linalg.vector_norm(c)):.6f}")
     say(f"  First 10 components: {c[:10].numpy()}")
-
-_SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
-
-
-def cluster_name(text: str) -> str:
-    """A cluster name usable in a file name: other characters become '_'."""
-    name = _SAFE.sub("_", text).strip(".")
-    return name or "cluster"
-
 
 @dataclass
 class Job:
@@ -100,81 +98,13 @@ def resolve_jobs(args: argparse.Namespace) -> list[Job]:
     clusters = [Path(c) for c in (args.cluster or [])]
     out = Path(args.out) if args.out else None
     out_dir = Path(args.out_dir) if args.out_dir else None
-    if args.w and ckpts:
-        raise InputError("--W and --checkpoint both name W; give one of them")
-    if args.w and len(model_dirs) > 1:
-        raise InputError("--W replaces the W of one --model-dir; it cannot go with several")
     n_models = len(model_dirs) + len(ckpts) + (1 if args.w and not model_dirs else 0)
-    if n_models == 0:
-        raise InputError("no input: give --model-dir DIR, --checkpoint DIR, or --W FILE (and --cluster FILE)")
+    _check_model_options(args, model_dirs, ckpts, n_models, out, out_dir)
     several = n_models > 1
-    if several and out is not None:
-        raise InputError(
-            f"--out names one file, but {n_models} models are given: use --out-dir DIR (each model writes "
-            "to DIR/<model name>/) or no --out (each model folder gets its frames)"
-        )
-    if several and args.model_name:
-        raise InputError("--model-name names one model; with several, each is named after its folder")
-    if out is not None and out_dir is not None:
-        raise InputError("give --out FILE or --out-dir DIR, not both")
-
-    jobs: list[Job] = []
-    for d in model_dirs:
-        paths = seed_paths(d, args.w, None, None, args.model_name)
-        if not args.w and not paths.w.exists() and is_checkpoint_dir(d):
-            raise InputError(
-                f"{d}: no {W_FILENAME}, but it holds a Hugging Face checkpoint: use --checkpoint {d}"
-            )
-        jobs.append(
-            Job(
-                name=paths.model_name,
-                w_path=paths.w,
-                w_key=args.w_key,
-                cluster_files=clusters or [d / CLUSTER_FILENAME],
-                out=out,
-                out_dir=(out_dir / paths.model_name if several else out_dir) if out_dir else d,
-                create_out_dir=out_dir is not None,
-            )
-        )
-    for c in ckpts:
-        where = locate(c, args.w_key)
-        if not clusters:
-            raise InputError(f"{c}: a checkpoint holds no cluster ids; give --cluster FILE")
-        if out is None and out_dir is None:
-            raise InputError(
-                f"{c}: give --out-dir DIR (or --out FILE) for the frames of a checkpoint; nothing is "
-                "written into the checkpoint folder"
-            )
-        name = args.model_name or where.model_name
-        jobs.append(
-            Job(
-                name=name,
-                w_path=where.path,
-                w_key=where.key,
-                cluster_files=clusters,
-                out=out,
-                out_dir=(out_dir / cluster_name(name) if several else out_dir) if out_dir else None,
-                create_out_dir=True,
-                checkpoint=where,
-            )
-        )
+    jobs = [_model_dir_job(d, args, clusters, out, out_dir, several) for d in model_dirs]
+    jobs += [_checkpoint_job(c, args, clusters, out, out_dir, several) for c in ckpts]
     if args.w and not model_dirs:
-        paths = seed_paths(None, args.w, None, None, args.model_name)
-        if not clusters:
-            raise InputError("no cluster ids: give --cluster FILE (or --model-dir DIR)")
-        if out is None and out_dir is None:
-            raise InputError("no output path: give --out FILE or --out-dir DIR (or --model-dir DIR)")
-        jobs.append(
-            Job(
-                name=paths.model_name,
-                w_path=paths.w,
-                w_key=args.w_key,
-                cluster_files=clusters,
-                out=out,
-                out_dir=out_dir,
-                create_out_dir=True,
-            )
-        )
+        jobs.append(_w_file_job(args, clusters, out, out_dir))
     if several and out_dir is not None:
         seen: dict[Path, str] = {}
         for j in jobs:
@@ -188,36 +118,88 @@ def resolve_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def read_clusters(
-    files: list[Path], key: str | None, n: int
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """{name: checked int64 ids} and {name: 'file:key'} from the cluster files."""
-    found: list[tuple[str, torch.Tensor, str]] = []
-    for p in files:
-        if key is None:
-            f = SafetensorsFile(p)
-            cands = [
-                k
-                for k in f.keys()
-                if (lambda dt, sh: not dt.is_floating_point and dt != torch.bool and len(sh) == 1)(*f.info(k))
-            ]
-            if CLUSTER_KEY not in f.entries and len(cands) > 1:
-                found += [(k, f.tensor(k), f"{p}:{k}") for k in cands]
-                continue
-        ids, ck = load_ids(p, key)
-        found.append((p.name.removesuffix(".safetensors"), ids, f"{p}:{ck}"))
-    clusters: dict[str, torch.Tensor] = {}
-    labels: dict[str, str] = {}
-    for raw_name, ids, label in found:
-        name = cluster_name(raw_name)
-        if name in clusters:
-            raise InputError(
-                f"two clusters are named {name!r} ({labels[name]} and {label}); frames are named after "
-                "their cluster, so rename one file or key"
-            )
-        clusters[name] = check_ids(ids, n, label)
-        labels[name] = label
-    return clusters, labels
+def _check_model_options(
+    args: argparse.Namespace,
+    model_dirs: list[Path],
+    ckpts: list[Path],
+    n_models: int,
+    out: Path | None,
+    out_dir: Path | None,
+) -> None:
+    """The combinations of model and output options that cannot work, refused with their reason."""
+    if args.w and ckpts:
+        raise InputError("--W and --checkpoint both name W; give one of them")
+    if args.w and len(model_dirs) > 1:
+        raise InputError("--W replaces the W of one --model-dir; it cannot go with several")
+    if n_models == 0:
+        raise InputError("no input: give --model-dir DIR, --checkpoint DIR, or --W FILE (and --cluster FILE)")
+    if n_models > 1 and out is not None:
+        raise InputError(
+            f"--out names one file, but {n_models} models are given: use --out-dir DIR (each model writes "
+            "to DIR/<model name>/) or no --out (each model folder gets its frames)"
+        )
+    if n_models > 1 and args.model_name:
+        raise InputError("--model-name names one model; with several, each is named after its folder")
+    if out is not None and out_dir is not None:
+        raise InputError("give --out FILE or --out-dir DIR, not both")
+
+
+def _model_dir_job(
+    d: Path, args: argparse.Namespace, clusters: list[Path], out: Path | None, out_dir: Path | None, several: bool
+) -> Job:
+    paths = seed_paths(d, args.w, None, None, args.model_name)
+    if not args.w and not paths.w.exists() and is_checkpoint_dir(d):
+        raise InputError(f"{d}: no {W_FILENAME}, but it holds a Hugging Face checkpoint: use --checkpoint {d}")
+    return Job(
+        name=paths.model_name,
+        w_path=paths.w,
+        w_key=args.w_key,
+        cluster_files=clusters or [d / CLUSTER_FILENAME],
+        out=out,
+        out_dir=(out_dir / paths.model_name if several else out_dir) if out_dir else d,
+        create_out_dir=out_dir is not None,
+    )
+
+
+def _checkpoint_job(
+    c: Path, args: argparse.Namespace, clusters: list[Path], out: Path | None, out_dir: Path | None, several: bool
+) -> Job:
+    where = locate(c, args.w_key)
+    if not clusters:
+        raise InputError(f"{c}: a checkpoint holds no cluster ids; give --cluster FILE")
+    if out is None and out_dir is None:
+        raise InputError(
+            f"{c}: give --out-dir DIR (or --out FILE) for the frames of a checkpoint; nothing is "
+            "written into the checkpoint folder"
+        )
+    name = args.model_name or where.model_name
+    return Job(
+        name=name,
+        w_path=where.path,
+        w_key=where.key,
+        cluster_files=clusters,
+        out=out,
+        out_dir=(out_dir / cluster_name(name) if several else out_dir) if out_dir else None,
+        create_out_dir=True,
+        checkpoint=where,
+    )
+
+
+def _w_file_job(args: argparse.Namespace, clusters: list[Path], out: Path | None, out_dir: Path | None) -> Job:
+    paths = seed_paths(None, args.w, None, None, args.model_name)
+    if not clusters:
+        raise InputError("no cluster ids: give --cluster FILE (or --model-dir DIR)")
+    if out is None and out_dir is None:
+        raise InputError("no output path: give --out FILE or --out-dir DIR (or --model-dir DIR)")
+    return Job(
+        name=paths.model_name,
+        w_path=paths.w,
+        w_key=args.w_key,
+        cluster_files=clusters,
+        out=out,
+        out_dir=out_dir,
+        create_out_dir=True,
+    )
 
 
 def _check_out_dir(d: Path, create: bool) -> None:
@@ -273,6 +255,35 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
     """Build and save one model's frames; print the report and the stage times."""
     W = job.W
     assert W is not None
+    _report_inputs(job, W)
+    options = Options(args.backend, args.device, EIGH_DTYPES[args.eigh_dtype], args.force)
+    res = build(
+        W,
+        job.clusters,
+        options,
+        name=job.w_name,
+        cache=cache,
+        source=(job.w_path, job.key),
+        progress=progress,
+        log=say,
+    )
+    for cname, fr in res.frames.items():  # provenance, in each file's metadata
+        fr.metadata.update(w_source=job.w_name, cluster=cname, cluster_source=job.cluster_sources.get(cname, ""))
+    _report_frames(res.frames)
+    t0 = time.perf_counter()
+    paths = _save(job, res, args, progress)
+    stages = {"load": job.t_load, **res.timings, "save": time.perf_counter() - t0}
+    _report_saved(paths)
+    say(
+        "Stage times: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+        + f"; total {sum(stages.values()):.2f} s"
+        + (f" (PCA cache {res.cache})" if res.cache != "off" else "")
+    )
+    return stages
+
+
+def _report_inputs(job: Job, W: torch.Tensor) -> None:
     n, d = W.shape
     dtype = str(W.dtype).removeprefix("torch.")
     src = f"{job.w_path}" + (f" ({job.key})" if job.checkpoint is not None or job.key != W_KEY else "")
@@ -286,72 +297,54 @@ def run_job(job: Job, args: argparse.Namespace, cache: PCACache | None, progress
         say(
             f"  {n:,} tokens in {d:,} dimensions; {len(sizes)} clusters of {min(sizes):,} to {max(sizes):,} tokens"
         )
-    res = build_validated(
-        W,
-        job.clusters,
-        backend=args.backend,
-        device=args.device,
-        eigh_dtype=EIGH_DTYPES[args.eigh_dtype],
-        cache=cache,
-        source=(job.w_path, job.key),
-        name=job.w_name,
-        force=args.force,
-        progress=progress,
-        log=say,
-        hash_fn=lambda t, **kw: hash_tensor(t, **kw),  # looked up at call time: tests hook it
-    )
-    frames = res.frames
-    for cname, fr in frames.items():  # provenance, in each file's metadata
-        fr.metadata.update(w_source=job.w_name, cluster=cname, cluster_source=job.cluster_sources.get(cname, ""))
+
+
+def _report_frames(frames: dict[str, Frame]) -> None:
     if len(frames) == 1:
         report_frame(next(iter(frames.values())))
-    else:
-        say("")
-        for line in next(iter(frames.values())).variance_report().lines():
-            say(line)
-        say("")
-        for cname, fr in frames.items():
-            c = fr.centroid
-            say(
-                f"✓ Cluster {cname}: centroid of {fr.cluster_size:,} tokens, norm {float(torch.linalg.vector_norm(c)):.6f}"
-            )
-    t0 = time.perf_counter()
+        return
+    say("")
+    for line in next(iter(frames.values())).variance_report().lines():
+        say(line)
+    say("")
+    for cname, fr in frames.items():
+        norm = float(torch.linalg.vector_norm(fr.centroid))
+        say(f"✓ Cluster {cname}: centroid of {fr.cluster_size:,} tokens, norm {norm:.6f}")
+
+
+def _save(job: Job, res: BuildResult, args: argparse.Namespace, progress: Progress) -> list[Path]:
+    """Write the model's frames, all or none, with a progress display."""
+    frames = res.frames
     if job.out_dir is not None and job.out is None:
         job.out_dir.mkdir(parents=True, exist_ok=True)
     nbytes = sum(4 * (fr.eigenvectors.numel() + fr.eigenvalues.numel() + fr.centroid.numel()) for fr in frames.values())
     label = f"writing {len(frames)} frame{'s' if len(frames) > 1 else ''} ({_mb(nbytes)})"
+    assert job.W is not None
     with progress.stage(label) as st:
-        paths = save_frames(
+        return save_frames(
             [(frames[k], job.outputs[k]) for k in frames],
             model_name=job.name,
-            source_dtype=dtype,
+            source_dtype=str(job.W.dtype).removeprefix("torch."),
             w_hash=res.w_hash,
             inputs=job.inputs,
             durable=not args.no_fsync,
             progress=st.update if len(frames) > 1 else None,
         )
-    t_save = time.perf_counter() - t0
+
+
+def _report_saved(paths: list[Path]) -> None:
     say("")
     if len(paths) == 1:
         say(f"✓ Saved to {paths[0]}")
         say(f"  Size: {_mb(paths[0].stat().st_size)}")
-    else:
-        say(
-            f"✓ Saved {len(paths)} frames ({_mb(sum(p.stat().st_size for p in paths))}) to {paths[0].parent}:"
-        )
-        for p in paths:
-            say(f"  {p.name}")
-    stages = {"load": job.t_load, **res.timings, "save": t_save}
-    say(
-        "Stage times: "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
-        + f"; total {sum(stages.values()):.2f} s"
-        + (f" (PCA cache {res.cache})" if res.cache != "off" else "")
-    )
-    return stages
+        return
+    say(f"✓ Saved {len(paths)} frames ({_mb(sum(p.stat().st_size for p in paths))}) to {paths[0].parent}:")
+    for p in paths:
+        say(f"  {p.name}")
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`refframe build`: check every model's inputs and outputs first, then build each in turn."""
     jobs = resolve_jobs(args)
     for job in jobs:
         prepare(job, args)

@@ -1,6 +1,12 @@
-"""W straight from a Hugging Face style safetensors checkpoint folder, memory-mapped.
+"""Finding the inputs on disk: the seed's folder layout, W and cluster-id files, and Hugging Face
+checkpoints.
 
-A checkpoint is either one `model.safetensors` or shards listed in `model.safetensors.index.json`,
+Seed layout: a model folder holds W.safetensors (key W) and 1.4h_cluster_tokens.safetensors (key
+cluster_token_ids); --W / --cluster and their keys override. A cluster file holding several 1-D
+integer tensors (and no cluster_token_ids) gives one cluster per tensor, named by its key.
+
+Checkpoints: W straight from a Hugging Face style safetensors checkpoint folder, memory-mapped. A
+checkpoint is either one `model.safetensors` or shards listed in `model.safetensors.index.json`,
 whose "weight_map" says which shard file holds which tensor. The unembedding matrix is
 `lm_head.weight`; a model with tied embeddings stores only `model.embed_tokens.weight`, which is then
 used (both are (vocab, hidden), the orientation of W). `key=` (CLI: --W-key) picks any other tensor.
@@ -12,13 +18,154 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .checks import check_ids
 from .errors import CheckpointError, InputError, KeyNotFoundError
-from .io import SafetensorsFile, key_list, short_repr
+from .layout import CLUSTER_FILENAME, CLUSTER_KEY, DEFAULT_FILENAME, W_FILENAME, W_KEY
+from .tensorfile import SafetensorsFile, key_list, short_repr
+
+
+@dataclass
+class Paths:
+    w: Path
+    cluster: Path | None
+    out: Path | None
+    model_name: str
+
+
+def seed_paths(
+    model_dir: str | os.PathLike[str] | None,
+    w: str | os.PathLike[str] | None = None,
+    cluster: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    model_name: str | None = None,
+) -> Paths:
+    """Resolve the seed layout (DIR/W.safetensors, DIR/1.4h_cluster_tokens.safetensors ->
+    DIR/1.6a_cluster_reference_frame.safetensors); explicit files override each part."""
+    if model_dir is not None:
+        d = Path(model_dir)
+        try:
+            exists, is_dir = d.exists(), d.is_dir()
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"{d}: model directory cannot be read ({getattr(exc, 'strerror', None) or exc})"
+            ) from None
+        if not exists:
+            raise InputError(f"{d}: model directory does not exist")
+        if not is_dir:
+            raise InputError(f"{d}: not a directory (--model-dir expects the folder holding {W_FILENAME})")
+        w = w or d / W_FILENAME
+        cluster = cluster or d / CLUSTER_FILENAME
+        out = out or d / DEFAULT_FILENAME
+        model_name = model_name or d.resolve().name
+    if w is None:
+        raise InputError("no input: give --model-dir DIR, or --W FILE (and --cluster FILE)")
+    w = Path(w)
+    return Paths(
+        w=w,
+        cluster=Path(cluster) if cluster is not None else None,
+        out=Path(out) if out is not None else None,
+        model_name=model_name or w.resolve().parent.name,
+    )
+
+
+def _pick_key(f: SafetensorsFile, key: str | None, default: str, what: str, fits, option: str) -> str:
+    if key is not None:
+        f.info(key)  # raises KeyNotFoundError listing the keys present
+        return key
+    if default in f.entries:
+        return default
+    candidates = [k for k in f.keys() if fits(*f.info(k))]
+    if len(candidates) == 1:
+        return candidates[0]
+    have = key_list(f.keys())
+    if not candidates:
+        raise KeyNotFoundError(
+            f"{f.path}: key {default!r} not found and no other {what} (keys present: {have})"
+        )
+    raise KeyNotFoundError(
+        f"{f.path}: key {default!r} not found and several candidates for {what}: "
+        f"{key_list(candidates)}; choose one with {option}"
+    )
+
+
+def load_w(path: str | os.PathLike[str], key: str | None = None) -> tuple[torch.Tensor, str]:
+    """W as a memory-mapped tensor, and the key it was read from."""
+    f = SafetensorsFile(path)
+    k = _pick_key(
+        f,
+        key,
+        W_KEY,
+        "2-D floating-point tensor",
+        lambda dt, sh: dt.is_floating_point and len(sh) == 2,
+        "--W-key",
+    )
+    return f.tensor(k), k
+
+
+def load_ids(path: str | os.PathLike[str], key: str | None = None) -> tuple[torch.Tensor, str]:
+    """Cluster token ids from a safetensors file, and the key they were read from."""
+    f = SafetensorsFile(path)
+    k = _pick_key(
+        f,
+        key,
+        CLUSTER_KEY,
+        "1-D integer tensor",
+        lambda dt, sh: not dt.is_floating_point and dt != torch.bool and len(sh) == 1,
+        "--cluster-key",
+    )
+    return f.tensor(k), k
+
+
+# -- cluster files --------------------------------------------------------------------------------
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
+
+
+def cluster_name(text: str) -> str:
+    """A cluster name usable in a file name: other characters become '_'."""
+    name = _SAFE.sub("_", text).strip(".")
+    return name or "cluster"
+
+
+def read_clusters(
+    files: list[Path], key: str | None, n: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """{name: checked int64 ids} and {name: 'file:key'} from the cluster files."""
+    found: list[tuple[str, torch.Tensor, str]] = []
+    for p in files:
+        if key is None:
+            f = SafetensorsFile(p)
+            cands = [
+                k
+                for k in f.keys()
+                if (lambda dt, sh: not dt.is_floating_point and dt != torch.bool and len(sh) == 1)(*f.info(k))
+            ]
+            if CLUSTER_KEY not in f.entries and len(cands) > 1:
+                found += [(k, f.tensor(k), f"{p}:{k}") for k in cands]
+                continue
+        ids, ck = load_ids(p, key)
+        found.append((p.name.removesuffix(".safetensors"), ids, f"{p}:{ck}"))
+    clusters: dict[str, torch.Tensor] = {}
+    labels: dict[str, str] = {}
+    for raw_name, ids, label in found:
+        name = cluster_name(raw_name)
+        if name in clusters:
+            raise InputError(
+                f"two clusters are named {name!r} ({labels[name]} and {label}); frames are named after "
+                "their cluster, so rename one file or key"
+            )
+        clusters[name] = check_ids(ids, n, label, warn_duplicates=True).to("cpu")
+        labels[name] = label
+    return clusters, labels
+
+
+# -- Hugging Face checkpoints ---------------------------------------------------------------------
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -5,10 +5,11 @@
     refframe bench --repeated --json     # (also: python benchmarks/bench_repeated.py [--small] [--json])
 
 A synthetic W (refframe.synthetic) is written to a temporary folder as W.safetensors and every build
-runs as `refframe build` does (W memory-mapped, ids read from files, frames written atomically), in
-this process, timed from opening the inputs to the last frame on disk. Rows:
+runs the build pipeline as `refframe build` does (W memory-mapped, ids read from files, the pipeline
+of refframe.build, frames written atomically), in this process, timed from opening the inputs to the
+last frame on disk. Rows:
 
-- hashing: xxh3-128 of W's bytes from the page cache (io.hash_tensor), GB/s;
+- hashing: xxh3-128 of W's bytes from the page cache (tensorfile.hash_tensor), GB/s;
 - cache miss (K = 1, empty cache) vs cache hit of a NEW cluster (K = 1), with the stages of a hit;
 - K = 1 / 16 / 64 clusters with --no-cache (one PCA, centroids in one segment-mean call, K new
   frames written and fsynced), alternated, medians of --k-reps runs, as a ratio to K = 1; the same
@@ -22,10 +23,7 @@ Targets (issue 6): hit <= 0.5 s and >= 20x faster than a miss; K = 64 <= 1.1x K 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -35,34 +33,33 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import ops
-from .bench import FULL, SMALL, _cpu_model
-from .buildcmd import prepare, resolve_jobs, run_job
-from .cache import PCACache
-from .cli import build_parser
-from .io import SafetensorsFile, hash_tensor, save_tensors
-from .progress import Progress
-from .synthetic import SyntheticSpec, make_synthetic
+from .. import _native
+from ..build import build, frame_path, save_frames
+from ..cache import PCACache
+from ..inputs import load_w, read_clusters
+from ..synthetic import SyntheticSpec, make_synthetic
+from ..tensorfile import SafetensorsFile, hash_tensor, save_tensors
+from .common import FULL, SMALL, cpu_model, load_average
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def build(argv: list[str]) -> dict[str, float]:
-    """One `refframe build` in this process (its report silenced); wall time and stage times."""
-    args = build_parser().parse_args(["build", *argv])
+def build_once(
+    w_path: Path, cluster_files: list[str], out_dir: Path, cache_dir: Path | None, durable: bool = True
+) -> dict[str, float]:
+    """One build as `refframe build --W w_path --cluster ... --out-dir out_dir [--cache-dir D |
+    --no-cache] [--no-fsync]` runs it, without its report: wall time and stage times."""
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        jobs = resolve_jobs(args)
-        for job in jobs:
-            prepare(job, args)
-        cache = None if args.no_cache else PCACache(args.cache_dir)
-        stages = run_job(jobs[0], args, cache, Progress(enable=False))
-    return {"wall": time.perf_counter() - t0, **stages}
+    W, key = load_w(w_path)
+    clusters, _ = read_clusters([Path(f) for f in cluster_files], None, int(W.shape[0]))
+    t_load = time.perf_counter() - t0
+    cache = PCACache(cache_dir, durable=durable) if cache_dir is not None else None
+    res = build(W, clusters, name=f"{w_path}:{key}", cache=cache, source=(w_path, key))
+    t1 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    several = len(clusters) > 1
+    items = [(fr, frame_path(out_dir, k if several else None)) for k, fr in res.frames.items()]
+    save_frames(items, source_dtype="bfloat16", w_hash=res.w_hash, inputs=[w_path], durable=durable)
+    t_save = time.perf_counter() - t1
+    return {"wall": time.perf_counter() - t0, "load": t_load, **res.timings, "save": t_save}
 
 
 def hashing(w_path: Path, reps: int) -> dict[str, float]:
@@ -96,103 +93,83 @@ def run(spec: SyntheticSpec, reps: int, log, k_reps: int = 3) -> dict:
         "shape": [n, d],
         "dtype": "bfloat16",
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "native": ops.native_status(),
-            "load_before": _load(),
+            "native": _native.native_status(),
+            "load_before": load_average(),
         },
     }
     with tempfile.TemporaryDirectory(prefix="refframe-bench-repeated-") as tmp:
         root = Path(tmp)
         log(f"Generating synthetic W {n:,} x {d:,} bf16 in {root} ...")
-        W, planted = make_synthetic(spec)
-        save_tensors(root / "W.safetensors", {"W": W})
-        del W
-        g = torch.Generator().manual_seed(1)
-        size = int(planted.numel())
-        sets = {"c00": planted}
-        for k in range(1, 64 + reps + 1):
-            sets[f"c{k:02d}"] = torch.randperm(n, generator=g)[:size].sort().values
-        names = list(sets)
-        for k, ids in sets.items():
-            save_file({"cluster_token_ids": ids}, root / f"{k}.safetensors")
-        files = {k: str(root / f"{k}.safetensors") for k in names}
-        w = ["--W", str(root / "W.safetensors")]
-        cache = root / "cache"
-        outd = root / "out"
-
+        w_path, files = _inputs(spec, root, reps)
         log("Hashing throughput ...")
-        out["hashing"] = hashing(root / "W.safetensors", max(3, reps))
-
-        log("Cache miss build (K = 1, empty cache) ...")
-        miss = build(
-            [*w, "--cluster", files["c00"], "--out-dir", str(outd / "miss"), "--cache-dir", str(cache)]
-        )
-        out["miss"] = miss
-        # The index trusts a file only once its mtime is 2 s older than the hashing (racy-git rule); the
-        # first hit re-hashes the just-written W, later ones use the stat fast path.
-        log("Cache hit builds of new clusters (K = 1) ...")
-        hits = []
-        for i in range(reps + 1):
-            k = names[64 + i]  # clusters the cache never saw (the cache holds no centroids anyway)
-            hits.append(
-                build(
-                    [*w, "--cluster", files[k], "--out-dir", str(outd / f"hit{i}"), "--cache-dir", str(cache)]
-                )
-            )
-        out["first_hit"] = hits[0]
-        steady = hits[1:]
-        out["hit"] = {key: statistics.median(h.get(key, 0.0) for h in steady) for key in steady[0]}
-        out["hit"]["how_w_hash"] = "stat" if all("stat" in h for h in steady) else "hashed"
-        out["hit_vs_miss"] = miss["wall"] / out["hit"]["wall"]
-
-        # Full builds with K clusters, alternated and repeated (the disk's speed varies from one build
-        # to the next): medians of k_reps runs of each.
-        runs: dict[tuple[int, bool], list[dict[str, float]]] = {}
-        plan = [(1, True), (16, True), (64, True), (1, False), (64, False)]
-        for rep in range(k_reps):
-            for K, durable in plan:
-                log(f"K = {K} clusters, one PCA, no cache{'' if durable else ', --no-fsync'} ({rep + 1}/{k_reps}) ...")
-                argv = [
-                    *w,
-                    "--cluster",
-                    *[files[k] for k in names[:K]],
-                    "--out-dir",
-                    str(outd / f"k{K}{'' if durable else '-nofsync'}-{rep}"),  # new files each time
-                    "--no-cache",
-                    *([] if durable else ["--no-fsync"]),
-                ]
-                runs.setdefault((K, durable), []).append(build(argv))
-
-        def median_run(rs: list[dict[str, float]]) -> dict[str, float]:
-            med = {key: statistics.median(r.get(key, 0.0) for r in rs) for key in rs[0]}
-            med["spread"] = max(r["wall"] for r in rs) - min(r["wall"] for r in rs)
-            return med
-
-        out["k_reps"] = k_reps
-        out["clusters"] = {K: median_run(runs[(K, True)]) for K in (1, 16, 64)}
-        out["clusters_nofsync"] = {K: median_run(runs[(K, False)]) for K in (1, 64)}
-        for key, group in (("k_ratio", "clusters"), ("k_ratio_nofsync", "clusters_nofsync")):
-            base = out[group][1]["wall"]
-            out[key] = {K: v["wall"] / base for K, v in out[group].items()}
+        out["hashing"] = hashing(w_path, max(3, reps))
+        out.update(_cache_rows(w_path, files, root, reps, log))
+        out.update(_cluster_rows(w_path, files, root, k_reps, log))
         log("K = 64 clusters, one PCA, no cache, replacing the frames of an earlier run ...")
-        out["k64_replace"] = build(
-            [*w, "--cluster", *[files[k] for k in names[:64]], "--out-dir", str(outd / "k64-0"), "--no-cache"]
-        )
+        out["k64_replace"] = build_once(w_path, files[:64], root / "out" / "k64-0", None)
         log("K = 64 clusters as a cache hit ...")
-        out["hit_k64"] = build(
-            [
-                *w,
-                "--cluster",
-                *[files[k] for k in names[:64]],
-                "--out-dir",
-                str(outd / "hitk64"),
-                "--cache-dir",
-                str(cache),
-            ]
-        )
-    out["machine"]["load_after"] = _load()
+        out["hit_k64"] = build_once(w_path, files[:64], root / "out" / "hitk64", root / "cache")
+    out["machine"]["load_after"] = load_average()
+    return out
+
+
+def _inputs(spec: SyntheticSpec, root: Path, reps: int) -> tuple[Path, list[str]]:
+    """W.safetensors and 64 + reps + 1 cluster files of the planted cluster's size (the first one
+    the planted cluster), in `root`."""
+    W, planted = make_synthetic(spec)
+    w_path = root / "W.safetensors"
+    save_tensors(w_path, {"W": W})
+    del W
+    g = torch.Generator().manual_seed(1)
+    size = int(planted.numel())
+    sets = {"c00": planted}
+    for k in range(1, 64 + reps + 1):
+        sets[f"c{k:02d}"] = torch.randperm(spec.n_tokens, generator=g)[:size].sort().values
+    for k, ids in sets.items():
+        save_file({"cluster_token_ids": ids}, root / f"{k}.safetensors")
+    return w_path, [str(root / f"{k}.safetensors") for k in sets]
+
+
+def _cache_rows(w_path: Path, files: list[str], root: Path, reps: int, log) -> dict:
+    """A cache miss (K = 1, empty cache), then hits of clusters the cache never saw."""
+    cache, outd = root / "cache", root / "out"
+    log("Cache miss build (K = 1, empty cache) ...")
+    miss = build_once(w_path, files[:1], outd / "miss", cache)
+    # The index trusts a file only once its mtime is 2 s older than the hashing (racy-git rule); the
+    # first hit re-hashes the just-written W, later ones use the stat fast path.
+    log("Cache hit builds of new clusters (K = 1) ...")
+    hits = [build_once(w_path, [files[64 + i]], outd / f"hit{i}", cache) for i in range(reps + 1)]
+    steady = hits[1:]
+    hit = {key: statistics.median(h.get(key, 0.0) for h in steady) for key in steady[0]}
+    hit["how_w_hash"] = "stat" if all("stat" in h for h in steady) else "hashed"
+    return {"miss": miss, "first_hit": hits[0], "hit": hit, "hit_vs_miss": miss["wall"] / hit["wall"]}
+
+
+def _cluster_rows(w_path: Path, files: list[str], root: Path, k_reps: int, log) -> dict:
+    """Full builds with K clusters, alternated and repeated (the disk's speed varies from one build
+    to the next): medians of k_reps runs of each, and their ratios to K = 1."""
+    runs: dict[tuple[int, bool], list[dict[str, float]]] = {}
+    plan = [(1, True), (16, True), (64, True), (1, False), (64, False)]
+    for rep in range(k_reps):
+        for K, durable in plan:
+            log(f"K = {K} clusters, one PCA, no cache{'' if durable else ', --no-fsync'} ({rep + 1}/{k_reps}) ...")
+            out_dir = root / "out" / f"k{K}{'' if durable else '-nofsync'}-{rep}"  # new files each time
+            runs.setdefault((K, durable), []).append(build_once(w_path, files[:K], out_dir, None, durable))
+
+    def median_run(rs: list[dict[str, float]]) -> dict[str, float]:
+        med = {key: statistics.median(r.get(key, 0.0) for r in rs) for key in rs[0]}
+        med["spread"] = max(r["wall"] for r in rs) - min(r["wall"] for r in rs)
+        return med
+
+    out: dict = {"k_reps": k_reps}
+    out["clusters"] = {K: median_run(runs[(K, True)]) for K in (1, 16, 64)}
+    out["clusters_nofsync"] = {K: median_run(runs[(K, False)]) for K in (1, 64)}
+    for key, group in (("k_ratio", "clusters"), ("k_ratio_nofsync", "clusters_nofsync")):
+        base = out[group][1]["wall"]
+        out[key] = {K: v["wall"] / base for K, v in out[group].items()}
     return out
 
 
