@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import refframe
 import refframe.frame as frame_mod
 import refframe.io as rio
-from conftest import make_w
+from helpers import make_w
 from refframe import (
     BackendError,
     ClusterIdsError,
