@@ -1,15 +1,23 @@
 """Plain helpers the test files import (`from helpers import ...`); the fixtures are in conftest.py.
 
 - matrices with awkward statistics and their float64 references (make_w, cov64, rel_fro, ...);
-- the dtypes and CPU kernel sets tests run over, and the mark for tests that need the native library.
+- the dtypes and CPU kernel sets tests run over, and the mark for tests that need the native library;
+- for the tests/test_errors_*.py files: the shape of the `model` fixture's W, and the checks that a
+  failing command prints one line and leaves everything on disk as it was.
 """
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 
 import refframe
+from refframe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -70,3 +78,65 @@ def rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
     den = float(ref.norm())
     num = float((a.to(torch.float64) - ref).norm())
     return num / den if den > 0 else num
+
+
+# ---------------------------------------------------------------------------------------------
+# the error tests: one line on stderr, nothing on disk changed
+
+# The `model` fixture's W (conftest.py) is N x D float32.
+N, D = 300, 16
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (hidden ones too) -> sha256 of its bytes."""
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            out[str(p.relative_to(directory))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    """Run the CLI in-process; return its exit status and its single stderr line."""
+    capsys.readouterr()
+    rc = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
+    assert rc == 1, err
+    assert err.startswith("refframe: error: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+    for frag in fragments:
+        assert frag in err, (frag, err)
+
+
+def build_args(m: dict[str, Path], w: Path | None = None, ids: Path | None = None, out: Path | None = None):
+    return [
+        "build",
+        "--W",
+        str(w or m["W"]),
+        "--cluster",
+        str(ids or m["ids"]),
+        "--out",
+        str(out or m["out"]),
+        "--backend",
+        "torch",
+        "--device",
+        "cpu",
+    ]
+
+
+def expect_build_error(capsys, m, *fragments, w=None, ids=None, out=None, extra=()) -> str:
+    """A failing build prints one line with `fragments` and changes nothing on disk."""
+    before = snapshot(m["dir"])
+    rc, err = cli(capsys, *build_args(m, w, ids, out), *extra)
+    assert_one_line_error(rc, err, *fragments)
+    assert snapshot(m["dir"]) == before
+    assert temp_files(m["dir"]) == []
+    return err
