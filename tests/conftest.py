@@ -1,17 +1,15 @@
-"""Shared test fixtures: float64 references and matrices with awkward statistics."""
+"""Shared test fixtures; the plain helpers (matrices, references, checks) are in helpers.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-import refframe
-
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-needs_native = pytest.mark.skipif(not refframe.native_available(), reason="native library not built")
-
-KERNEL_SETS = ["portable", "avx2", "avx512", "avx512bf16", "amx"]
+from helpers import KERNEL_SETS, D, N, make_w
+from refframe.cli import main
 
 
 @pytest.fixture(params=KERNEL_SETS)
@@ -33,51 +31,16 @@ def _no_pca_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("REFFRAME_CACHE_DIR", str(tmp_path_factory.mktemp("pca-cache")))
 
 
-def make_w(n: int, d: int, dtype: torch.dtype, *, seed: int = 0, offset_sigmas: float = 0.0) -> torch.Tensor:
-    """A correlated random W; with offset_sigmas, three columns have a mean that many sigmas from 0."""
-    g = torch.Generator().manual_seed(seed)
-    k = max(1, min(d, 8))
-    W = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.02
-    W += (
-        (torch.randn(n, k, generator=g, dtype=torch.float64) * 0.03)
-        @ torch.randn(k, d, generator=g, dtype=torch.float64)
-        / k**0.5
-    )
-    W += torch.randn(d, generator=g, dtype=torch.float64) * 0.01
-    if offset_sigmas:
-        W[:, : min(3, d)] += offset_sigmas * 0.02
-    return W.to(dtype)
-
-
-def make_far_off_w(n: int, d: int, dtype: torch.dtype, sigmas: float) -> torch.Tensor:
-    """make_w with every other column moved `sigmas` of its sd off zero (every third of them below)."""
-    X = make_w(n, d, torch.float64, seed=int(sigmas))
-    moved = X[:, ::2]
-    sign = torch.where(torch.arange(moved.shape[1]) % 3 == 0, -1.0, 1.0).to(torch.float64)
-    X[:, ::2] = moved + sigmas * moved.std(0) * sign
-    return X.to(dtype)
-
-
-def make_subnormal_fp16_w(n: int, d: int, *, seed: int = 0) -> torch.Tensor:
-    """fp16 W whose values are all subnormal (k 2^-24, k ~ 100-300): each column 5-15 sd off zero on
-    the subnormal grid, with correlated columns."""
-    g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(n, d, generator=g, dtype=torch.float64)
-    Z = Z @ (torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64))
-    k = 100 + 200 * torch.rand(d, generator=g, dtype=torch.float64) + 20 * Z / Z.std(0)
-    return (k.round().clamp(1, 1023) * 2.0**-24).to(torch.float16)
-
-
-def cov64(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (fp64) mean and population covariance of the values W holds."""
-    X = W.to(torch.float64)
-    mu = X.mean(dim=0)
-    Xc = X - mu
-    return mu, Xc.T @ Xc / X.shape[0]
-
-
-def rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.to(torch.float64)
-    den = float(ref.norm())
-    num = float((a.to(torch.float64) - ref).norm())
-    return num / den if den > 0 else num
+@pytest.fixture
+def model(tmp_path: Path) -> dict[str, Path]:
+    """A small W (N x D = 300 x 16 fp32), 20 cluster ids, and a built frame beside them, for the
+    tests/test_errors_*.py files. (test_cache.py and test_multi.py define a `model` of their own.)"""
+    d = tmp_path / "model"
+    d.mkdir()
+    W = make_w(N, D, torch.float32, offset_sigmas=5.0)
+    save_file({"W": W}, d / "W.safetensors")
+    save_file({"cluster_token_ids": torch.arange(3, N, 15)}, d / "ids.safetensors")
+    out = d / "frame.safetensors"
+    args = ["--W", str(d / "W.safetensors"), "--cluster", str(d / "ids.safetensors")]
+    assert main(["build", *args, "--out", str(out), "--backend", "torch", "--device", "cpu"]) == 0
+    return {"dir": d, "W": d / "W.safetensors", "ids": d / "ids.safetensors", "out": out}

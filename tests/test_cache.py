@@ -18,7 +18,7 @@ import refframe
 import refframe.buildcmd as cli_mod
 import refframe.cache as cache_mod
 import refframe.io as rio
-from conftest import make_w
+from helpers import make_w
 from refframe import RefframeWarning, ops
 from refframe.cache import PCACache, default_cache_dir, numerics_tag
 from refframe.cli import main

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import refframe
 import refframe.checkpoint as ck
 import refframe.io as rio
-from conftest import make_w
+from helpers import make_w
 from refframe import CheckpointError, InputError, KeyNotFoundError
 from refframe.checkpoint import load_checkpoint_w, locate
 from refframe.cli import main

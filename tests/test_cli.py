@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import refframe
-from conftest import make_w
+from helpers import make_w
 from refframe.cli import main
 
 FRAME = "1.6a_cluster_reference_frame.safetensors"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import refframe
-from conftest import DTYPES, cov64, make_far_off_w, make_subnormal_fp16_w, make_w, rel_fro
+from helpers import DTYPES, cov64, make_far_off_w, make_subnormal_fp16_w, make_w, rel_fro
 from refframe import ops
 
 CUDA = torch.device("cuda")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import refframe
-from conftest import DTYPES, cov64, make_w
+from helpers import DTYPES, cov64, make_w
 from refframe.frame import fix_signs
 
 BACKENDS = ["torch"] + (["native"] if refframe.native_available() else [])

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import refframe
-from conftest import make_w
+from helpers import make_w
 from refframe import RefframeError, RefframeWarning
 from refframe.cli import main
 from refframe.frame import check_ids

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import refframe
 import refframe.multi as multi
-from conftest import DTYPES, make_w, needs_native
+from helpers import DTYPES, make_w, needs_native
 from refframe import ops
 from refframe.cli import main
 from refframe.io import save_tensors

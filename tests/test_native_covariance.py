@@ -9,7 +9,16 @@ import time
 import pytest
 import torch
 
-from conftest import KERNEL_SETS, DTYPES, cov64, make_far_off_w, make_subnormal_fp16_w, make_w, needs_native, rel_fro
+from helpers import (
+    DTYPES,
+    KERNEL_SETS,
+    cov64,
+    make_far_off_w,
+    make_subnormal_fp16_w,
+    make_w,
+    needs_native,
+    rel_fro,
+)
 from refframe import covariance
 
 pytestmark = needs_native

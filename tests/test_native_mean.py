@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import DTYPES, make_w, needs_native, rel_fro
+from helpers import DTYPES, make_w, needs_native, rel_fro
 from refframe import ClusterIdsError, InputError, gather_mean, segment_mean
 
 pytestmark = needs_native

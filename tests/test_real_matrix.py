@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DTYPES, cov64, needs_native, rel_fro
+from helpers import DTYPES, cov64, needs_native, rel_fro
 
 pytestmark = needs_native
 

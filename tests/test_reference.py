@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DTYPES, cov64, make_w, rel_fro
+from helpers import DTYPES, cov64, make_w, rel_fro
 from refframe import covariance, gather_mean, reference
 
 
