@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from refframe import bench, bench_repeated
+from refframe.bench import kernels as bench
+from refframe.bench import repeated as bench_repeated
 from refframe.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import refframe
-import refframe.buildcmd as cli_mod
 import refframe.cache as cache_mod
-import refframe.io as rio
+import refframe.tensorfile as rio
 from helpers import make_w
 from refframe import RefframeWarning, ops
 from refframe.cache import PCACache, default_cache_dir, numerics_tag
@@ -161,7 +160,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 def test_stat_fast_path_avoids_rehashing(model, cache_on, monkeypatch, capsys):
-    counter = HashCounter(monkeypatch, cli_mod)
+    counter = HashCounter(monkeypatch)
     assert main(["build", "--model-dir", str(model)]) == 0
     assert counter.calls == 1
     for _ in range(2):
@@ -187,7 +186,7 @@ def test_content_hash_api(model, tmp_path):
 
 def test_fresh_file_is_racy_and_rehashed(model, cache_on, monkeypatch):
     write_w(model / "W.safetensors", make_w(N, D, torch.bfloat16, offset_sigmas=10.0), age_s=0)
-    counter = HashCounter(monkeypatch, cli_mod)
+    counter = HashCounter(monkeypatch)
     for _ in range(2):
         assert main(["build", "--model-dir", str(model)]) == 0
     assert counter.calls == 2  # modified "just now": the index cannot vouch for it yet
@@ -229,7 +228,7 @@ def test_api_source_that_is_not_this_w_is_ignored(model, cache_on, change):
 
 
 def test_touched_w_is_rehashed_and_still_hits(model, cache_on, monkeypatch):
-    counter = HashCounter(monkeypatch, cli_mod)
+    counter = HashCounter(monkeypatch)
     assert main(["build", "--model-dir", str(model)]) == 0
     t = time.time() - 600
     os.utime(model / "W.safetensors", (t, t))  # touched: same bytes, new mtime
@@ -241,7 +240,7 @@ def test_touched_w_is_rehashed_and_still_hits(model, cache_on, monkeypatch):
 
 def test_w_edited_in_place_with_its_mtime_restored_is_rehashed(model, cache_on, monkeypatch):
     # Same size, same inode, mtime put back: only the ctime (which no user call can reset) shows it.
-    counter = HashCounter(monkeypatch, cli_mod)
+    counter = HashCounter(monkeypatch)
     assert main(["build", "--model-dir", str(model)]) == 0
     p = model / "W.safetensors"
     st = os.stat(p)
@@ -336,7 +335,7 @@ def test_damaged_entry_via_cli_is_one_warning_line(model, cache_on, capsys):
 
 
 def test_corrupt_index_warns_and_rehashes(model, cache_on, monkeypatch, capsys):
-    counter = HashCounter(monkeypatch, cli_mod)
+    counter = HashCounter(monkeypatch)
     assert main(["build", "--model-dir", str(model)]) == 0
     (cache_on / "index.json").write_text('{"format": "refframe-stat-index/1", "files": [')
     capsys.readouterr()

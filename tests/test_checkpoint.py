@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import refframe
-import refframe.checkpoint as ck
-import refframe.io as rio
+import refframe.inputs as ck
+import refframe.tensorfile as rio
 from helpers import make_w
 from refframe import CheckpointError, InputError, KeyNotFoundError
-from refframe.checkpoint import load_checkpoint_w, locate
 from refframe.cli import main
+from refframe.inputs import load_checkpoint_w, locate
 
 N, D = 800, 24
 FRAME = "1.6a_cluster_reference_frame.safetensors"

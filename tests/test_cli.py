@@ -192,7 +192,7 @@ def test_interrupt_while_the_command_loads_is_one_line(tmp_path, monkeypatch, ca
         def __getattr__(self, name):
             raise KeyboardInterrupt
 
-    monkeypatch.setitem(sys.modules, "refframe.buildcmd", Loading())
+    monkeypatch.setitem(sys.modules, "refframe.cli.build", Loading())
     assert main(["build", "--W", str(tmp_path / "W.safetensors")]) == 130
     err = capsys.readouterr().err
     assert err == "refframe: interrupted (SIGINT); the output file was left as it was\n"
@@ -200,7 +200,7 @@ def test_interrupt_while_the_command_loads_is_one_line(tmp_path, monkeypatch, ca
 
 @pytest.mark.parametrize(("code", "fast"), [(0, False), (1, False), (130, True), (143, True)])
 def test_entry_ends_an_interrupted_run_without_the_interpreter_shutdown(monkeypatch, code, fast):
-    import refframe.cli as cli_mod
+    import refframe.cli.command as cli_mod
 
     class Exited(Exception):
         pass

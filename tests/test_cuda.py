@@ -10,7 +10,7 @@ import torch
 
 import refframe
 from helpers import DTYPES, cov64, make_far_off_w, make_subnormal_fp16_w, make_w, rel_fro
-from refframe import ops
+from refframe import _native, ops
 
 CUDA = torch.device("cuda")
 
@@ -18,7 +18,7 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(
         # Not native_supports(): a kernel that fails its self-check must fail these tests, not skip them.
-        not (torch.cuda.is_available() and ops.native_available() and ops._C.WITH_CUDA),
+        not (torch.cuda.is_available() and _native.native_available() and _native._C.WITH_CUDA),
         reason="needs a CUDA device and refframe built with its CUDA kernels",
     ),
 ]
@@ -268,7 +268,7 @@ def test_build_frame_cuda_matches_cpu():
 
 
 def test_native_self_check_passes_on_this_gpu():
-    from refframe import ops
+    from refframe import _native
 
-    assert ops.native_self_check(CUDA) is None
+    assert _native.native_self_check(CUDA) is None
     assert ops.resolve_backend("auto", CUDA) == "native"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import refframe
-import refframe.frame as frame_mod
+import refframe.resources as resources
 from helpers import D, N, build_args, cli, expect_build_error, make_w
 from refframe import BackendError, NumericalError, ResourceError
 
@@ -54,12 +54,12 @@ def test_failure_inside_torch_becomes_one_line(model, capsys, monkeypatch):
 
 
 def test_too_large_for_memory_refused_before_any_work(model, capsys, monkeypatch):
-    monkeypatch.setattr(frame_mod, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(resources, "available_memory", lambda device: 10_000)
 
     def no_work(*args, **kwargs):
         raise AssertionError("no work may start before the memory check")
 
-    monkeypatch.setattr(refframe.buildcmd, "hash_tensor", no_work)
+    monkeypatch.setattr(refframe.tensorfile, "hash_tensor", no_work)
     monkeypatch.setattr(refframe.ops, "covariance", no_work)
     err = expect_build_error(
         capsys,
@@ -74,7 +74,7 @@ def test_too_large_for_memory_refused_before_any_work(model, capsys, monkeypatch
 
 
 def test_memory_check_can_be_overridden(model, capsys, monkeypatch):
-    monkeypatch.setattr(frame_mod, "available_memory", lambda device: 10_000)
+    monkeypatch.setattr(resources, "available_memory", lambda device: 10_000)
     rc, err = cli(capsys, *build_args(model), "--force")
     assert rc == 0, err
     monkeypatch.setenv("REFFRAME_SKIP_MEMORY_CHECK", "1")
@@ -84,11 +84,11 @@ def test_memory_check_can_be_overridden(model, capsys, monkeypatch):
 def test_memory_estimate():
     cpu = torch.device("cpu")
     n, d = 151_936, 2_560
-    torch_bf16 = frame_mod.estimate_peak_bytes(n, d, torch.bfloat16, "torch", cpu)
-    native_bf16 = frame_mod.estimate_peak_bytes(n, d, torch.bfloat16, "native", cpu)
-    torch_f32 = frame_mod.estimate_peak_bytes(n, d, torch.float32, "torch", cpu)
+    torch_bf16 = resources.estimate_peak_bytes(n, d, torch.bfloat16, "torch", cpu)
+    native_bf16 = resources.estimate_peak_bytes(n, d, torch.bfloat16, "native", cpu)
+    torch_f32 = resources.estimate_peak_bytes(n, d, torch.float32, "torch", cpu)
     assert 2 * n * d * 4 < torch_bf16 < 2 * n * d * 4 + 10 * d * d * 8  # fp32 copy + centred copy
     assert torch_f32 < torch_bf16  # an fp32 W is not copied before centring
     assert native_bf16 < 20 * d * d * 8  # W is read in place: only d x d work
-    avail = frame_mod.available_memory(cpu)
+    avail = resources.available_memory(cpu)
     assert avail is None or avail > 0

@@ -37,7 +37,7 @@ def test_unexpected_exception_is_one_line_and_debug_shows_it(model, capsys, monk
     def bug(*args, **kwargs):
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr(refframe.buildcmd, "hash_tensor", bug)
+    monkeypatch.setattr(refframe.tensorfile, "hash_tensor", bug)
     rc, err = cli(capsys, *build_args(model))
     assert_one_line_error(rc, err, "unexpected ZeroDivisionError: division by zero", "--debug")
     with pytest.raises(ZeroDivisionError):

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import refframe
-import refframe.frame as frame_mod
-import refframe.io as rio
+import refframe.checks as checks
+import refframe.tensorfile as rio
 from helpers import D, N, assert_one_line_error, build_args, cli, expect_build_error, make_w
 from refframe import (
     ClusterIdsError,
@@ -29,8 +29,8 @@ from refframe import (
     RefframeWarning,
 )
 from refframe.cli import main
-from refframe.io import SafetensorsFile
-from refframe.sources import load_ids, load_w
+from refframe.inputs import load_ids, load_w
+from refframe.tensorfile import SafetensorsFile
 
 # ---------------------------------------------------------------------------------------------
 # files
@@ -236,14 +236,14 @@ def test_nonfinite_scan_is_chunked_and_only_runs_when_needed(monkeypatch):
     W[123, 7] = float("nan")
     W[299, 0] = float("inf")
     # a chunk of one row at a time finds the same count and first row as one big chunk
-    assert frame_mod.find_nonfinite(W, chunk_bytes=1) == (2, 123)
-    assert frame_mod.find_nonfinite(W) == (2, 123)
-    assert frame_mod.find_nonfinite(make_w(N, D, torch.float16)) == (0, -1)
+    assert checks.find_nonfinite(W, chunk_bytes=1) == (2, 123)
+    assert checks.find_nonfinite(W) == (2, 123)
+    assert checks.find_nonfinite(make_w(N, D, torch.float16)) == (0, -1)
 
     def no_scan(*args, **kwargs):
         raise AssertionError("a finite W must not be scanned")
 
-    monkeypatch.setattr(frame_mod, "find_nonfinite", no_scan)
+    monkeypatch.setattr(checks, "find_nonfinite", no_scan)
     refframe.build_frame(make_w(N, D, torch.float32), torch.tensor([1, 2]))
 
 

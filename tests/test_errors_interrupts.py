@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import refframe
-import refframe.io as rio
+import refframe.atomic as rio
 from helpers import REPO, N, build_args, cli, make_w, snapshot, temp_files
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_signal_during_renames_is_held_until_every_file_is_in_place(model, capsy
 def test_interrupt_message_counts_what_was_written():
     from argparse import Namespace
 
-    from refframe.cli import _outputs_state
+    from refframe.cli.command import _outputs_state
 
     exc = KeyboardInterrupt()
     assert _outputs_state(Namespace(), exc) == "the output file was left as it was"
@@ -93,8 +93,8 @@ def test_interrupt_message_counts_what_was_written():
 
 DRIVER = r"""
 import os, sys, time
-import refframe.frame as fr
-import refframe.io as rio
+import refframe.build as fr
+import refframe.atomic as rio
 
 stage = sys.argv[1]
 if stage == "compute":

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import refframe
-import refframe.io as rio
+import refframe.atomic as rio
 from helpers import assert_one_line_error, build_args, cli, expect_build_error, snapshot, temp_files
 from refframe import OutputError
 from refframe.cli import main

@@ -12,7 +12,7 @@ import refframe
 from helpers import REPO, build_args, cli, snapshot
 from refframe import VerificationError
 from refframe.cli import main
-from refframe.io import SafetensorsFile
+from refframe.tensorfile import SafetensorsFile
 
 
 def test_only_safetensors_is_ever_read():

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 import refframe
 from helpers import D, N, assert_one_line_error, cli, make_w
 from refframe import InputError, VerificationError
-from refframe.io import SafetensorsFile
-from refframe.sources import load_ids, load_w
+from refframe.inputs import load_ids, load_w
+from refframe.tensorfile import SafetensorsFile
 
 # ---------------------------------------------------------------------------------------------
 # truncated, missing, appended to

@@ -113,7 +113,8 @@ def test_long_computations_are_interruptible_on_the_cpu():
     import threading
     import time
 
-    from refframe.frame import _interruptible, compute_running
+    from refframe.interrupt import compute_running
+    from refframe.interrupt import run_interruptible as _interruptible
 
     assert _interruptible(torch.device("cpu"), lambda a, b=0: a + b, 2, b=3) == 5
     with pytest.raises(ZeroDivisionError):
@@ -139,7 +140,7 @@ def test_cpu_eigh_runs_on_the_calling_thread_up_to_the_size_limit(monkeypatch, l
     # team); larger ones in the interruptible worker thread.
     import threading
 
-    from refframe import frame as frame_mod
+    from refframe import build as frame_mod
 
     threads: list[threading.Thread] = []
     real = torch.linalg.eigh

@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 import refframe
 from helpers import make_w
 from refframe import RefframeError, RefframeWarning
+from refframe.checks import check_ids
 from refframe.cli import main
-from refframe.frame import check_ids
-from refframe.io import SafetensorsFile
-from refframe.sources import load_ids, load_w
+from refframe.inputs import load_ids, load_w
+from refframe.tensorfile import SafetensorsFile
 
 FUZZ = settings(
     max_examples=int(os.environ.get("REFFRAME_FUZZ_EXAMPLES", "150")),

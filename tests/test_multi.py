@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import refframe
-import refframe.multi as multi
+import refframe.build as multi
 from helpers import DTYPES, make_w, needs_native
 from refframe import ops
 from refframe.cli import main
-from refframe.io import save_tensors
 from refframe.progress import Progress
+from refframe.tensorfile import save_tensors
 
 N, D = 1200, 32
 FRAME = "1.6a_cluster_reference_frame.safetensors"
@@ -244,7 +244,7 @@ def test_nocopy_writer_matches_safetensors(tmp_path):
     assert sorted(got) == sorted(t)
     for k in t:
         assert torch.equal(got[k], t[k].contiguous()), k
-    f = refframe.io.SafetensorsFile(p)
+    f = refframe.tensorfile.SafetensorsFile(p)
     assert f.metadata == {"k": "v"} and f.data_offset % 8 == 0
 
 
@@ -298,6 +298,6 @@ def test_frame_path_naming(tmp_path):
     assert (
         multi.frame_path(tmp_path, "animals") == tmp_path / "1.6a_cluster_reference_frame.animals.safetensors"
     )
-    from refframe.buildcmd import cluster_name
+    from refframe.inputs import cluster_name
 
     assert cluster_name("a b/c") == "a_b_c" and cluster_name("..") == "cluster"

@@ -648,16 +648,16 @@ def test_covariance_progress_counts_rows_of_the_running_call():
     import threading
     import time
 
-    from refframe import ops
+    from refframe import _native
 
-    assert ops.covariance_progress() is None  # nothing running
+    assert _native.covariance_progress() is None  # nothing running
     W = make_w(40_000, 512, torch.bfloat16)
     seen: list[tuple[int, int]] = []
     stop = threading.Event()
 
     def poll() -> None:
         while not stop.is_set():
-            p = ops.covariance_progress()
+            p = _native.covariance_progress()
             if p is not None:
                 seen.append(p)
             time.sleep(0.001)
@@ -673,30 +673,30 @@ def test_covariance_progress_counts_rows_of_the_running_call():
     assert seen, "the poller never saw a covariance running"
     assert all(total == 40_000 and 0 <= done <= total for done, total in seen)
     assert any(done > 0 for done, _ in seen)
-    assert ops.covariance_progress() is None  # reset when the call ends
+    assert _native.covariance_progress() is None  # reset when the call ends
 
 
 def test_self_check_passes_on_the_cpu_kernels(monkeypatch):
-    from refframe import ops
+    from refframe import _native
 
-    monkeypatch.setattr(ops, "_SELF_CHECKS", {})
-    assert ops.native_self_check(torch.device("cpu")) is None
+    monkeypatch.setattr(_native, "_SELF_CHECKS", {})
+    assert _native.native_self_check(torch.device("cpu")) is None
 
 
 def test_self_check_key_names_the_cuda_kernel(monkeypatch):
     # Each CUDA covariance kernel gets its own self-check (REFFRAME_CUDA_KERNEL is read per call).
-    from refframe import ops
+    from refframe import _native
 
     monkeypatch.delenv("REFFRAME_CUDA_KERNEL", raising=False)
-    assert ops._device_key(torch.device("cuda:1")) == "cuda:1 (simt kernel)"
+    assert _native._device_key(torch.device("cuda:1")) == "cuda:1 (simt kernel)"
     monkeypatch.setenv("REFFRAME_CUDA_KERNEL", "mma")
-    assert ops._device_key(torch.device("cuda:1")) == "cuda:1 (mma kernel)"
-    assert ops._device_key(torch.device("cpu")) == "cpu"
+    assert _native._device_key(torch.device("cuda:1")) == "cuda:1 (mma kernel)"
+    assert _native._device_key(torch.device("cpu")) == "cpu"
 
 
 def test_self_check_catches_wrong_or_failing_kernels(monkeypatch):
     import refframe
-    from refframe import ops
+    from refframe import _native
 
     real = torch.ops.refframe.center_syrk
 
@@ -708,10 +708,10 @@ def test_self_check_catches_wrong_or_failing_kernels(monkeypatch):
         raise RuntimeError("no kernel image is available for execution on the device")
 
     for fake, fragment in ((slightly_off, "bfloat16: covariance error 1.0e-05"), (broken, "RuntimeError: no kernel")):
-        monkeypatch.setattr(ops, "_SELF_CHECKS", {})
+        monkeypatch.setattr(_native, "_SELF_CHECKS", {})
         monkeypatch.setattr(torch.ops.refframe, "center_syrk", fake)
         with pytest.warns(refframe.RefframeWarning, match="failed their self-check on cpu"):
-            reason = ops.native_self_check(torch.device("cpu"))
+            reason = _native.native_self_check(torch.device("cpu"))
         assert reason is not None and fragment in reason
 
 
@@ -720,7 +720,7 @@ def test_gpu_without_a_passing_self_check_uses_torch(monkeypatch):
     so the check cannot even launch) gets the pure-torch path under auto, and a clear error when
     the native backend is asked for."""
     import refframe
-    from refframe import BackendError, ops
+    from refframe import BackendError, _native, ops
 
     class FakeLib:
         WITH_CUDA = 1
@@ -729,8 +729,8 @@ def test_gpu_without_a_passing_self_check_uses_torch(monkeypatch):
         def cpu_kernel():
             return "avx2"
 
-    monkeypatch.setattr(ops, "_C", FakeLib)
-    monkeypatch.setattr(ops, "_SELF_CHECKS", {})
+    monkeypatch.setattr(_native, "_C", FakeLib)
+    monkeypatch.setattr(_native, "_SELF_CHECKS", {})
     cuda = torch.device("cuda")
     with pytest.warns(refframe.RefframeWarning, match="failed their self-check"):
         assert ops.resolve_backend("auto", cuda) == "torch"
@@ -741,16 +741,16 @@ def test_gpu_without_a_passing_self_check_uses_torch(monkeypatch):
 
 def _start_covariance(W, box):
     """center_syrk(W) in a new thread; box gets the thread's cancel key and, if it fails, "error"."""
-    from refframe import ops
+    from refframe import _native
 
     def run():
-        box["key"] = ops.thread_key()
+        box["key"] = _native.thread_key()
         try:
             torch.ops.refframe.center_syrk(W)
         except RuntimeError as exc:
             box["error"] = str(exc)
         finally:
-            ops.clear_cancel(box["key"])
+            _native.clear_cancel(box["key"])
 
     t = threading.Thread(target=run)
     t.start()
@@ -759,45 +759,45 @@ def _start_covariance(W, box):
 
 def _wait_for_progress(done, timeout_s=30.0):
     """Polls until done(covariance_progress()) holds (or time runs out); returns whether it did."""
-    from refframe import ops
+    from refframe import _native
 
     deadline = time.monotonic() + timeout_s
-    while not done(ops.covariance_progress()) and time.monotonic() < deadline:
+    while not done(_native.covariance_progress()) and time.monotonic() < deadline:
         time.sleep(0.0005)
-    return done(ops.covariance_progress())
+    return done(_native.covariance_progress())
 
 
 def test_covariance_can_be_cancelled_between_row_blocks():
     # An interrupted build asks its running kernel to stop; it raises at its next row block.
-    from refframe import ops
+    from refframe import _native
 
     box = {}
     t = _start_covariance(torch.randn(400_000, 256).to(torch.bfloat16), box)
     _wait_for_progress(lambda p: p is not None or not t.is_alive())
-    ops.cancel_covariance(box["key"])
+    _native.cancel_covariance(box["key"])
     t.join()
     assert "center_syrk: cancelled" in box.get("error", "finished")
-    assert ops.covariance_progress() is None  # counters reset however the call ended
+    assert _native.covariance_progress() is None  # counters reset however the call ended
 
 
 def test_cancel_reaches_only_its_own_thread_and_can_come_first():
-    from refframe import ops
+    from refframe import _native
 
     W = make_w(2000, 40, torch.float32)
-    me = ops.thread_key()
-    ops.cancel_covariance(me ^ 1)  # another thread's request leaves this call alone
+    me = _native.thread_key()
+    _native.cancel_covariance(me ^ 1)  # another thread's request leaves this call alone
     assert torch.isfinite(torch.ops.refframe.center_syrk(W)[1]).all()
-    ops.clear_cancel(me ^ 1)
-    ops.cancel_covariance(me)  # a request made before the call starts is honoured
+    _native.clear_cancel(me ^ 1)
+    _native.cancel_covariance(me)  # a request made before the call starts is honoured
     with pytest.raises(RuntimeError, match="center_syrk: cancelled"):
         torch.ops.refframe.center_syrk(W)
-    ops.clear_cancel(me)  # withdrawn: the next call runs
+    _native.clear_cancel(me)  # withdrawn: the next call runs
     assert torch.isfinite(torch.ops.refframe.center_syrk(W)[1]).all()
 
 
 def test_an_abandoned_call_leaves_a_newer_calls_progress_alone():
     # A cancelled (abandoned) call that ends while a newer one runs must not reset its progress.
-    from refframe import ops
+    from refframe import _native
 
     def total_is(n):
         return lambda p: (p or (0, 0))[1] == n
@@ -809,13 +809,13 @@ def test_an_abandoned_call_leaves_a_newer_calls_progress_alone():
     assert _wait_for_progress(total_is(300_000))
     t_new = _start_covariance(W_new, new)
     assert _wait_for_progress(total_is(200_000))
-    ops.cancel_covariance(old["key"])
+    _native.cancel_covariance(old["key"])
     t_old.join()
     assert "cancelled" in old["error"]
-    assert t_new.is_alive() and (ops.covariance_progress() or (0, 0))[1] == 200_000
-    ops.cancel_covariance(new["key"])
+    assert t_new.is_alive() and (_native.covariance_progress() or (0, 0))[1] == 200_000
+    _native.cancel_covariance(new["key"])
     t_new.join()
-    assert ops.covariance_progress() is None
+    assert _native.covariance_progress() is None
 
 
 try:

@@ -110,11 +110,11 @@ def test_segment_mean_rejects_bad_offsets():
 def test_offsets_checked_on_the_host_before_a_gpu_sees_them(offsets, message):
     # The CUDA kernels assert on bad offsets (which would poison the CUDA context), so the Python
     # layer checks them first, with the CPU kernel's rules.
-    from refframe import ops
+    from refframe import checks
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        ops._check_offsets(torch.tensor(offsets), 5)
-    ops._check_offsets(torch.tensor([0, 2, 5]), 5)  # a valid one passes
+        checks.check_offsets(torch.tensor(offsets), 5)
+    checks.check_offsets(torch.tensor([0, 2, 5]), 5)  # a valid one passes
 
 
 def test_opcheck_gather_and_segment_mean():
