@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "../centre.h"
+#include "status.h"
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
@@ -278,27 +279,6 @@ RowRuns identical_runs(const T* w, int64_t n, int64_t d, int64_t row_stride) {
     if (index[run.row] >= 0) out.runs.push_back({run.begin, run.end, index[run.row]});
   return out;
 }
-
-// Owns the progress counters from the start of a call to its end, however it ends.
-struct ProgressScope {
-  const int64_t id;
-  explicit ProgressScope(int64_t n) : id(covariance_progress().calls.fetch_add(1) + 1) {
-    covariance_progress().owner.store(id);
-    covariance_progress().done.store(0);
-    covariance_progress().total.store(n);
-  }
-  // Only the call that owns the counters moves them: an older call still running (one abandoned
-  // after an interrupt) cannot reset or advance a newer call's progress.
-  void advance(int64_t rows) const {
-    if (covariance_progress().owner.load(std::memory_order_relaxed) == id)
-      covariance_progress().done.store(rows, std::memory_order_relaxed);
-  }
-  ~ProgressScope() {
-    if (covariance_progress().owner.load() != id) return;
-    covariance_progress().total.store(0);
-    covariance_progress().done.store(0);
-  }
-};
 
 // How a set with exact bf16 products (ExactBf16, syrk_avx512bf16.cpp) multiplies W: the columns
 // of the extended matrix (W's d columns, then the extra parts of each centred column) and, per
@@ -736,42 +716,6 @@ std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
 }
 
 }  // namespace
-
-CovarianceProgress& covariance_progress() {
-  static CovarianceProgress progress;
-  return progress;
-}
-
-LastCovariance& last_covariance() {
-  static LastCovariance last;
-  return last;
-}
-
-namespace {
-std::mutex cancel_mutex;
-std::unordered_set<uint64_t>& cancelled() {
-  static std::unordered_set<uint64_t> keys;
-  return keys;
-}
-}  // namespace
-
-uint64_t thread_key() { return static_cast<uint64_t>(std::hash<std::thread::id>{}(std::this_thread::get_id())); }
-
-void request_cancel(uint64_t key) {
-  const std::lock_guard<std::mutex> lock(cancel_mutex);
-  cancelled().insert(key);
-}
-
-void clear_cancel(uint64_t key) {
-  const std::lock_guard<std::mutex> lock(cancel_mutex);
-  cancelled().erase(key);
-}
-
-bool cancel_requested(uint64_t key) {
-  const std::lock_guard<std::mutex> lock(cancel_mutex);
-  return cancelled().count(key) != 0;
-}
-
 }  // namespace refframe::cpu
 
 TORCH_LIBRARY_IMPL(refframe, CPU, m) {

@@ -11,7 +11,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <atomic>
 #include <cstdint>
 
 namespace refframe::cpu {
@@ -114,45 +113,17 @@ const KernelSet& avx512_kernels();
 #endif
 #ifdef REFFRAME_HAVE_AMX_TU
 const KernelSet& amx_kernels();
-bool amx_usable();  // the CPU has AMX-TILE and AMX-BF16 and this process may use them
 #endif
 #ifdef REFFRAME_HAVE_AVX512BF16_TU
 const KernelSet& avx512bf16_kernels();
 #endif
 
-// Rows of W done by the running CPU center_syrk call and its row count (both 0 when none runs), for
-// a progress display. One process-wide pair: two calls running at once would share it.
-struct CovarianceProgress {
-  std::atomic<int64_t> done{0};
-  std::atomic<int64_t> total{0};
-  std::atomic<int64_t> owner{0};  // the call the counters belong to: the one that started last
-  std::atomic<int64_t> calls{0};
-};
-CovarianceProgress& covariance_progress();
-
-// What the last CPU center_syrk call that got as far as multiplying ran: its kernel set (a set with
-// exact bf16 products can hand W to its fallback) and the number of columns it multiplied (d, or
-// more with split columns). Null and 0 before the first call.
-struct LastCovariance {
-  std::atomic<const char*> set{nullptr};
-  std::atomic<int64_t> columns{0};
-};
-LastCovariance& last_covariance();
-
-// Cancellation, per calling thread: request_cancel(key) stops the center_syrk call running in the
-// thread whose thread_key() is key at its next row block (it throws "center_syrk: cancelled"), or
-// the next call that thread starts; clear_cancel(key) withdraws the request. So an interrupted
-// build need not wait for its covariance, and no other call is touched.
-uint64_t thread_key();
-void request_cancel(uint64_t key);
-void clear_cancel(uint64_t key);
-bool cancel_requested(uint64_t key);
-
 // The set used by center_syrk: AMX when the CPU has AVX-512 and usable AMX-BF16 tiles, else
 // avx512bf16 when it has AVX-512 F/BW/VL/DQ and AVX512_BF16, else AVX-512 when it has AVX-512
 // F/BW/VL/DQ, else AVX2 when it has AVX2+FMA+F16C, else portable. The environment variable
 // REFFRAME_CPU_KERNEL=portable|avx2|avx512|avx512bf16|amx asks for one set (used by the tests to
-// compare them); a set this CPU cannot run is not taken, the best one below it is.
+// compare them); a set this CPU cannot run is not taken, the best one below it is. The checks and
+// the override live in kernel_select.cpp.
 const KernelSet& active_kernels();
 
 }  // namespace refframe::cpu
