@@ -4,12 +4,12 @@
 // Output: mean fp64 (d,), covariance fp32 (d, d), symmetric and full.
 //
 // Two passes over W. Pass 1 sums each column and its squares in fp64 (the exact mean, whatever the
-// offset, and the spread, which picks the fp32 value each column is centred on: centre.h). Pass 2
-// takes blocks of KC rows; each block is converted, centred and packed once into MR-wide (A) and
+// offset, and the spread, which picks the fp32 value each column is centered on: center.h). Pass 2
+// takes blocks of KC rows; each block is converted, centered and packed once into MR-wide (A) and
 // NR-wide (B) column panels (L2/L3 resident, in the kernel set's layout: fp32 rows for the 16 x 6
 // AVX2 and 48 x 8 AVX-512 tiles, where AVX-512 reads B from the A panels; split bf16 tiles for the
 // 16 x 32 AMX tile), then MR x NR tiles of the upper triangle accumulate RUN rows of products at a
-// time in fp32 and add them into an fp64 tile accumulator. So no fp32 or centred copy of W exists,
+// time in fp32 and add them into an fp64 tile accumulator. So no fp32 or centered copy of W exists,
 // only one triangle is computed, and no fp32 sum is longer than RUN terms (128; AMX and avx512bf16
 // 256, plus 8 drift-cancelling terms on some avx512bf16 tiles; relative
 // error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
@@ -23,11 +23,11 @@
 //
 // A set with exact bf16 products (avx512bf16, for bf16 W) changes three things: pass 1 also finds
 // each column's largest |x|, from which a plan (plan_exact) scales every column by a power of two
-// and picks the columns to centre; pass 2 multiplies an extended matrix, W's columns followed by
-// an extra part of each centred column, packed as bf16 row pairs, with the run sums of uncentred
+// and picks the columns to center; pass 2 multiplies an extended matrix, W's columns followed by
+// an extra part of each centered column, packed as bf16 row pairs, with the run sums of uncentered
 // columns with moderate means kept from drifting (see plan_exact); and the covariance is
 // assembled from the extended product's partial products, with the diagonal taken from fp64 sums
-// of squares (pass 1's for uncentred columns, the packs' for centred ones). When the plan refuses
+// of squares (pass 1's for uncentered columns, the packs' for centered ones). When the plan refuses
 // (non-finite values, more than d / 4 extra columns) or W is not bf16, the set's fallback
 // (avx512) does everything.
 //
@@ -52,7 +52,7 @@
 #include <unordered_set>
 #include <vector>
 
-#include "../centre.h"
+#include "../center.h"
 #include "status.h"
 #include "syrk_kernel.h"
 
@@ -147,7 +147,7 @@ void column_pass(int64_t n, int64_t d, double* mean, const Add& add) {
 }
 
 // Pass 1 of the fp32 sets: the mean and the sums of squares (into sq, zero on entry), which
-// centre_of (centre.h) needs.
+// center_of (center.h) needs.
 template <typename T>
 void column_moments(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean,
                     double* sq) {
@@ -158,8 +158,8 @@ void column_moments(const T* w, int64_t n, int64_t d, int64_t row_stride, const 
 }
 
 // The finest power-of-two grid of each column's values in an even sample of up to 4,096 rows (0
-// where the sample is all zero), for centre_of (centre.h): columns of 0/1 indicators or small
-// integers are centred on that grid. A sample is enough: the centre only steers rounding.
+// where the sample is all zero), for center_of (center.h): columns of 0/1 indicators or small
+// integers are centered on that grid. A sample is enough: the center only steers rounding.
 template <typename T>
 void sample_grid(const T* w, int64_t n, int64_t d, int64_t row_stride, std::vector<double>& grid) {
   const int64_t step = std::max<int64_t>(1, n / 4096);
@@ -190,7 +190,7 @@ void sample_grid(const T* w, int64_t n, int64_t d, int64_t row_stride, std::vect
 // of zeros, a row repeated. In such a run a product is the same number in every row, so an fp32
 // run sum adds that number to itself again and again and its rounding errors do not cancel: 1/3 of
 // W in one run gave 5.9e-7 on the fp32 sets, 1 % of it 1.2e-7. The driver leaves these rows out of
-// the packs (zeros) and adds k u u^T in fp64 instead (u the row centred as the packs centre it, k the
+// the packs (zeros) and adds k u u^T in fp64 instead (u the row centered as the packs center it, k the
 // rows of every run of that row). Runs shorter than MIN_RUN rows are left in; of the distinct rows
 // that runs repeat, those with MIN_COUNT or more rows in runs are taken, at most MAX_ROWS, the
 // ones with the most (each costs d^2 / 2 fp64 products at the end); runs of the others stay in the
@@ -281,7 +281,7 @@ RowRuns identical_runs(const T* w, int64_t n, int64_t d, int64_t row_stride) {
 }
 
 // How a set with exact bf16 products (ExactBf16, syrk_avx512bf16.cpp) multiplies W: the columns
-// of the extended matrix (W's d columns, then the extra parts of each centred column) and, per
+// of the extended matrix (W's d columns, then the extra parts of each centered column) and, per
 // column of W, its power-of-two scale, its shift (0, or its mean scaled and rounded to bf16; a
 // constant column's value) and what remains to be taken out in fp64 at the end.
 struct ExactPlan {
@@ -291,8 +291,8 @@ struct ExactPlan {
   std::vector<int8_t> extras;        // ... and how many it has (0 or 1)
   std::vector<float> scale, shift;
   std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
-  std::vector<double> diag;            // sum of t^2 over the rows: from pass 1, or (centred) the packs
-  // Drift cancellation (ExactBf16::micro_shift) for uncentred columns whose mean is more than
+  std::vector<double> diag;            // sum of t^2 over the rows: from pass 1, or (centered) the packs
+  // Drift cancellation (ExactBf16::micro_shift) for uncentered columns whose mean is more than
   // sd / 4: per column of W its shift mean mb (its scaled mean on a coarse grid, bf16; 0 for every
   // other column), and per extended column the words of the extra pair step, bf16 of -2 G mb on
   // the A side and bf16 of mb on the B side (G = shift_pairs; low halves, high halves zero).
@@ -302,9 +302,9 @@ struct ExactPlan {
 
 // Fills the plan; false when the fallback set should run instead: a value that is not finite, or
 // more than d / 4 extra columns (those would cost more than the faster products gain).
-// A column is centred when |mean| > 3 sd / 4. Left uncentred, its products with another such
+// A column is centered when |mean| > 3 sd / 4. Left uncentered, its products with another such
 // column have a mean of their own, mb_i mb_j, so each fp32 run sum drifts by that much per row and
-// rounds more as it grows (1.5x the error of centred columns at sd / 2 and 4x at 0.9 sd, measured
+// rounds more as it grows (1.5x the error of centered columns at sd / 2 and 4x at 0.9 sd, measured
 // on correlated bf16 columns; about 25x at 2 sd, emulated). Drift cancellation keeps those sums small:
 // after every G = 16 pairs of rows the micro-kernel adds one more pair step, -2 G mb_i mb_j, exact
 // (bf16 products), and the driver takes the same amount out in fp64 at the end. mb is the scaled
@@ -314,33 +314,33 @@ struct ExactPlan {
 // is the products' spread, which grows with the mean too. Measured at 151,936 x 2,560 (the demo
 // W, every column moved): 2.4e-8 at 0, 5.6e-8 at 0.73 sd, 7.6e-8 at 0.9 sd, 8.9e-8 at 0.98 sd,
 // 1.3e-7 at 1.5 sd (the fp32 avx512 set: 4.6-4.9e-8), so 3 sd / 4 keeps the worst case where it
-// was before, at sd / 2 without cancellation (5.8e-8 at 0.45 sd); columns past it are centred.
+// was before, at sd / 2 without cancellation (5.8e-8 at 0.45 sd); columns past it are centered.
 // Columns within sd / 4 of zero keep mb = 0. A tile takes the extra steps (6 % more products) only
 // where some product of its columns' |mean| / sd exceeds 1/4, so W whose means all lie within
 // sd / 2 keeps its bits and its speed.
-// A centred column's shift is its scaled mean rounded to bf16, so
+// A centered column's shift is its scaled mean rounded to bf16, so
 // t = a - shift (a: x scaled) is the difference of two bf16 numbers, exact in fp32, and two parts
 // hold it: h = bf16(t), and t - h, the rounding error of a bf16 sum, is a bf16 number itself. That
 // is one extra column. (Where a and the shift lie more than 2^15 apart, fp32 rounds t, by at most
-// 2^-24 |t|, as the fp32 sets round their x - centre.) Far from zero the shift can sit several sd
+// 2^-24 |t|, as the fp32 sets round their x - center.) Far from zero the shift can sit several sd
 // from the mean (its bf16 spacing there is |mean| / 256 or more), but the values lie on that same
 // grid, so t is a small multiple of the spacing and the run sums of its products are exact: a
 // finer, fp32 shift would give every row the same fp32 remainder and bias those sums (1.7e-7 of
 // the block of columns 700 sd off zero).
-// A constant column is centred without parts: its mean is its value (an exact fp64 sum divided by
+// A constant column is centered without parts: its mean is its value (an exact fp64 sum divided by
 // N), so t is 0 and costs nothing.
 bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, int64_t shift_pairs,
                 ExactPlan& p) {
   p.extras.assign(d, 0);
-  std::vector<char> centre(d, 0);
+  std::vector<char> center(d, 0);
   std::vector<double> var(d, 0.0);
   int64_t extras = 0;
   for (int64_t j = 0; j < d; ++j) {
     if (!std::isfinite(mean[j]) || !std::isfinite(sq[j])) return false;
     var[j] = std::max(0.0, sq[j] / static_cast<double>(n) - mean[j] * mean[j]);
-    centre[j] = mean[j] != 0.0 && 16.0 * mean[j] * mean[j] > 9.0 * var[j];
+    center[j] = mean[j] != 0.0 && 16.0 * mean[j] * mean[j] > 9.0 * var[j];
     // Every |x| <= amax, so a mean of +-amax means every x equals it.
-    if (centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = 1;
+    if (center[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = 1;
     extras += p.extras[j];
   }
   if (4 * extras > d) return false;
@@ -372,12 +372,12 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
     p.unscale[j] = std::ldexp(1.0, e);
     const double m = mean[j] * static_cast<double>(p.scale[j]);  // exact
     const auto m32 = static_cast<float>(m);
-    p.shift[j] = !centre[j] ? 0.0f : p.extras[j] == 1 ? static_cast<float>(c10::BFloat16(m32)) : m32;
+    p.shift[j] = !center[j] ? 0.0f : p.extras[j] == 1 ? static_cast<float>(c10::BFloat16(m32)) : m32;
     p.delta[j] = m - static_cast<double>(p.shift[j]);
-    // Uncentred (shift 0), t is x scaled exactly: the sum of its squares is pass 1's, scaled.
+    // Uncentered (shift 0), t is x scaled exactly: the sum of its squares is pass 1's, scaled.
     if (p.shift[j] == 0.0f) p.diag[j] = sq[j] * static_cast<double>(p.scale[j]) * static_cast<double>(p.scale[j]);
     const double sd = std::sqrt(var[j]) * static_cast<double>(p.scale[j]);
-    if (!centre[j] && m != 0.0 && 16.0 * m * m > sd * sd) {
+    if (!center[j] && m != 0.0 && 16.0 * m * m > sd * sd) {
       // m rounded to a grid of 2^-7 of max(sd, |m|): at most 2^8 steps, so a bf16 number.
       const double q = std::ldexp(1.0, std::max(std::ilogb(sd), std::ilogb(m)) - 7);
       const double mb = std::nearbyint(m / q) * q;
@@ -456,20 +456,20 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
     }
   }
   std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
-  // Columns within 16 sd of zero (centre.h) take their variance from the fp64 sums of pass 1.
+  // Columns within 16 sd of zero (center.h) take their variance from the fp64 sums of pass 1.
   std::vector<char> fp64_var(d, 0);
   if (!exact) {
     std::vector<double> grid;
     sample_grid(w, n, d, row_stride, grid);
     for (int64_t j = 0; j < d; ++j) {
       bool from_fp64 = false;
-      mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n, grid[j], &from_fp64);
+      mean32[j] = refframe::center_of<T>(mean64[j], sq[j], n, grid[j], &from_fp64);
       fp64_var[j] = from_fp64;
     }
   }
   // Runs of identical rows (identical_runs), for the sets whose packs the driver can blank (fp32
-  // rows, or the exact set's bf16 row pairs): per distinct row and column, u (the row centred as
-  // the packs centre it, x - centre or x scale - shift, here unrounded) and k u (k: its rows in
+  // rows, or the exact set's bf16 row pairs): per distinct row and column, u (the row centered as
+  // the packs center it, x - center or x scale - shift, here unrounded) and k u (k: its rows in
   // runs), in fp64.
   const bool blankable = exact || (pack_pair == nullptr && EB == 4 && ks.kalign == 1);
   const RowRuns repeated = blankable ? identical_runs(w, n, d, row_stride) : RowRuns{};
@@ -671,7 +671,7 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
           for (int64_t r = 0; r < MR; ++r) {
             const int64_t i = ia * MR + r;
             if (i > j) break;
-            // The rows were centred on mean32, not on the exact mean: remove the rank-one term
+            // The rows were centered on mean32, not on the exact mean: remove the rank-one term
             // (mean64 - mean32)(mean64 - mean32)^T that this adds to the sums.
             const double di = mean64[i] - static_cast<double>(mean32[i]);
             const double dj = mean64[j] - static_cast<double>(mean32[j]);

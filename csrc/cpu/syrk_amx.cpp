@@ -4,7 +4,7 @@
 // use them.
 //
 // The tile units multiply bf16 numbers (products exact in fp32, sums in fp32), about sixteen times
-// as many per cycle as the fp32 FMA units. To keep fp32 precision, every converted and centred
+// as many per cycle as the fp32 FMA units. To keep fp32 precision, every converted and centered
 // value x (fp32, the same value the other sets compute) is split into three bf16 numbers,
 // x = h + m + l up to a relative 2^-27 (h = bf16(x), m = bf16(x - h), l = bf16(x - h - m)), and a
 // product x y is taken as h h' + (h m' + m h' + m m' + h l' + l h'), dropping the terms of relative

@@ -28,13 +28,13 @@ struct ExactBf16 {
                   float* amax);
   // Column c < width of kc rows (zero rows up to an even count, zero columns up to panel):
   // bf16(t) with t = float(src[c]) * scale[c] - shift[c] in fp32 (a product and a subtraction, each
-  // rounded to nearest), bf16 rounding to nearest even; for a centred column (shift[c] != 0)
+  // rounded to nearest), bf16 rounding to nearest even; for a centered column (shift[c] != 0)
   // sq[c] += the sum of t^2 over the rows, in fp64 in row order.
   void (*pack)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* scale, const float* shift,
                int64_t width, int64_t panel, void* dst, double* sq);
   // The same for any columns: column c of the panel is part parts[c] (0 or 1: h or m of
   // t = h + m, h = bf16(t), m = t - h, itself a bf16 number) of column cols[c] of the rows
-  // starting at row0; scale, shift and sq (added to for centred part-0 columns only) are indexed by
+  // starting at row0; scale, shift and sq (added to for centered part-0 columns only) are indexed by
   // that column. Part 0 gives pack's bits.
   void (*pack_parts)(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
                      const int32_t* parts, const float* scale, const float* shift, int64_t width, int64_t panel,
@@ -59,8 +59,8 @@ struct KernelSet {
   int64_t kc, mc_cols, jb_cols;
   // B panels are read from the A panels (nr divides mr) instead of being packed separately.
   bool b_in_a;
-  // Packs one column panel of a block of rows, converted and centred on mean[c] (the driver's
-  // fp32 centre of each column: its mean, or for some far-off columns a value near it):
+  // Packs one column panel of a block of rows, converted and centered on mean[c] (the driver's
+  // fp32 center of each column: its mean, or for some far-off columns a value near it):
   //   dst[k * panel + c] = float(src[k * stride + c]) - mean[c]  for k < kc, c < width,
   //   dst[k * panel + c] = 0                                      for width <= c < panel.
   // panel is mr or nr; width <= panel.

@@ -6,8 +6,8 @@
 // device (only the number of row splits of pass 2 depends on the device: its SM count).
 //
 // Pass 1 (column_sum_kernel, mean_finalize_kernel): exact fp64 column sums and sums of squares,
-// merged in a fixed order; each column's fp32 centre (centre.h) from them.
-// Pass 2 (syrk_kernel): Gram matrix of the centred rows, upper-triangle 128 x 128 tiles only.
+// merged in a fixed order; each column's fp32 center (center.h) from them.
+// Pass 2 (syrk_kernel): Gram matrix of the centered rows, upper-triangle 128 x 128 tiles only.
 // Pass 3 (reduce_mirror_kernel): fixed-order sum of the row splits, divide by N, write both halves.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,7 +28,7 @@
 #include <tuple>
 #include <type_traits>
 
-#include "../centre.h"
+#include "../center.h"
 
 namespace refframe::cuda {
 namespace {
@@ -109,8 +109,8 @@ __global__ void column_sum_kernel(const T* __restrict__ w, int64_t n, int64_t d,
   }
 }
 
-// Centre and scale of a column for the tensor-core kernel (syrk_mma_kernel). The scale G is the
-// smallest power of two with 255 G >= max |x - mean| over the column, the centre c the mean rounded
+// Center and scale of a column for the tensor-core kernel (syrk_mma_kernel). The scale G is the
+// smallest power of two with 255 G >= max |x - mean| over the column, the center c the mean rounded
 // to a multiple of G (then to fp32, which keeps it one: the columns here are bf16 or fp16, so c is
 // far from needing more than 24 bits). Then y = (x - c) / G lies in [-255.5, 255.5], and because
 // c / G is an integer, y splits exactly into hi = rint(y), an integer of at most 256, and
@@ -120,7 +120,7 @@ __global__ void column_sum_kernel(const T* __restrict__ w, int64_t n, int64_t d,
 // two hi are integers of at most 2^16, so the tensor cores sum 256 rows of them exactly, whatever
 // their rounding mode.
 struct MmaScale {
-  float centre;
+  float center;
   float inv_scale;  // 1 / G
   double scale;     // G
 };
@@ -136,13 +136,13 @@ __device__ inline MmaScale mma_scale_of(double mean, double lo, double hi) {
   int g = f == 0.5 ? e - 1 : e;                 // G = 2^g >= spread / 255
   g = g < -126 ? -126 : (g > 126 ? 126 : g);     // 2^g and 2^-g both normal fp32 numbers
   const double grid = ldexp(1.0, g);
-  const double centre = rint(mean / grid) * grid;
-  return {static_cast<float>(centre), static_cast<float>(ldexp(1.0, -g)), ldexp(1.0, g)};
+  const double center = rint(mean / grid) * grid;
+  return {static_cast<float>(center), static_cast<float>(ldexp(1.0, -g)), ldexp(1.0, g)};
 }
 
 // mean64[j] = (sum of the split partials of column j, in split order) / N; mean32 = the fp32
-// centre of the column (centre.h), from the mean and the sum of squares. With mma (non-null), the
-// tensor-core kernel's centre and scale instead, from the mean and the column's range.
+// center of the column (center.h), from the mean and the sum of squares. With mma (non-null), the
+// tensor-core kernel's center and scale instead, from the mean and the column's range.
 template <typename T>
 __global__ void mean_finalize_kernel(const double* __restrict__ partial, int64_t splits, int64_t n, int64_t d,
                                      double* __restrict__ mean64, float* __restrict__ mean32,
@@ -160,11 +160,11 @@ __global__ void mean_finalize_kernel(const double* __restrict__ partial, int64_t
   mean64[j] = m;
   if (scale != nullptr) {
     const MmaScale c = mma_scale_of(m, lo, hi);
-    mean32[j] = c.centre;
+    mean32[j] = c.center;
     inv_scale[j] = c.inv_scale;
     scale[j] = c.scale;
   } else {
-    mean32[j] = refframe::centre_of<T>(m, q, n);
+    mean32[j] = refframe::center_of<T>(m, q, n);
   }
 }
 
@@ -238,11 +238,11 @@ struct Chunk<T, false> {
   __device__ __forceinline__ float get(int e) const { return v[e]; }
 };
 
-// Gram matrix of the centred rows of one row split, for one upper-triangle 128 x 128 tile.
+// Gram matrix of the centered rows of one row split, for one upper-triangle 128 x 128 tile.
 //
 // Layout: W (N, d) with strides (s0, s1); tile (ti, tj) from blockIdx.x, rows
 // [blockIdx.y * rows_per_split, ...) of W. Each step stages 16 rows of the A columns (ti) and the
-// B columns (tj), converted and centred once (fp32(x) - the column's centre) and zero outside W, in a
+// B columns (tj), converted and centered once (fp32(x) - the column's center) and zero outside W, in a
 // double-buffered shared-memory panel; the next step's chunks are already in flight in registers.
 // Each thread holds an 8 x 8 block of the tile (two 4 x 4 groups 64 apart: conflict-free float4
 // reads) and forms all 64 x 16 products of a step with one fp32 FMA each.
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---- Tensor-core kernel (REFFRAME_CUDA_KERNEL=mma; bf16 and fp16 W) ----------------------------
 //
 // The same tiles, row splits and fp64 partials as syrk_kernel, with the products on the tensor
-// cores (16 x 16 x 16 fp16 wmma, fp32 results). Each centred, scaled value is staged as two fp16
+// cores (16 x 16 x 16 fp16 wmma, fp32 results). Each centered, scaled value is staged as two fp16
 // numbers, y = hi + lo exactly (mma_scale_of), and y_i y_j = hi_i hi_j + (lo_i lo_j + lo_i hi_j +
 // hi_i lo_j): four products per pair of values, chained on the tensor cores into two fragments per
 // 16 x 16 block over 256 rows and then flushed into fp64. `big` takes the hi hi products: integers
@@ -433,13 +433,13 @@ __device__ __forceinline__ uint32_t half_pair(float a, float b) {
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 1)
     syrk_mma_kernel(const T* __restrict__ w, int64_t n, int64_t d, int64_t s0, int64_t s1,
-                    const float* __restrict__ centre, const float* __restrict__ inv_scale,
+                    const float* __restrict__ center, const float* __restrict__ inv_scale,
                     int64_t rows_per_split, int64_t tiles, bool smem_acc, double* __restrict__ partial) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
   extern __shared__ __align__(128) unsigned char mma_smem[];
   __half* stage = reinterpret_cast<__half*>(mma_smem);
-  float* centre_s = reinterpret_cast<float*>(stage + 2 * 4 * kMmaPanel);  // [0, 128): A, [128, 256): B
-  float* inv_s = centre_s + 2 * kTile;
+  float* center_s = reinterpret_cast<float*>(stage + 2 * 4 * kMmaPanel);  // [0, 128): A, [128, 256): B
+  float* inv_s = center_s + 2 * kTile;
   double* acc_s = reinterpret_cast<double*>(inv_s + 2 * kTile);
 
   const int tid = threadIdx.x;
@@ -459,7 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // lanes then read consecutive words (no bank conflicts).
     const int64_t col = (tid < kTile ? i0 : j0) + tid % kTile;
     const int at = (tid % 8) * 32 + tid / 8;
-    centre_s[at] = col < d ? centre[col] : 0.0f;
+    center_s[at] = col < d ? center[col] : 0.0f;
     inv_s[at] = col < d ? inv_scale[col] : 0.0f;
   }
   __syncthreads();
@@ -498,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       __half* hi_dst = side == 0 ? hi_a : hi_b;
       __half* lo_dst = side == 0 ? lo_a : lo_b;
-      const float* c_s = centre_s + chunk;  // element e at c_s[32 * e]
+      const float* c_s = center_s + chunk;  // element e at c_s[32 * e]
       const float* v_s = inv_s + chunk;
 #pragma unroll
       for (int u = 0; u < kMmaChunks; ++u) {
@@ -583,7 +583,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // cov[i][j] = cov[j][i] = fp32(G_i G_j (sum over splits) / N - (mean_i - c_i)(mean_j - c_j)).
 __global__ void reduce_mma_kernel(const double* __restrict__ partial, const int* __restrict__ map, int64_t tiles,
                                   int64_t splits, int64_t n, int64_t d, const double* __restrict__ mean64,
-                                  const float* __restrict__ centre, const double* __restrict__ scale,
+                                  const float* __restrict__ center, const double* __restrict__ scale,
                                   float* __restrict__ cov) {
   const int64_t tile = blockIdx.x / (kTile * kTile / kThreads);
   const int slot = static_cast<int>(blockIdx.x % (kTile * kTile / kThreads)) * kThreads + threadIdx.x;
@@ -597,7 +597,7 @@ __global__ void reduce_mma_kernel(const double* __restrict__ partial, const int*
   const double* p = partial + tile * kTile * kTile + slot;
   double s = 0.0;
   for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
-  const double di = mean64[i] - static_cast<double>(centre[i]), dj = mean64[j] - static_cast<double>(centre[j]);
+  const double di = mean64[i] - static_cast<double>(center[i]), dj = mean64[j] - static_cast<double>(center[j]);
   const float v = static_cast<float>(s * scale[i] * scale[j] / static_cast<double>(n) - di * dj);
   cov[i * d + j] = v;
   if (i < j) cov[j * d + i] = v;
@@ -622,7 +622,7 @@ __global__ void reduce_mirror_kernel(const double* __restrict__ partial, int64_t
   const double* p = partial + tile * kTile * kTile + e * kThreads + tid;
   double s = 0.0;
   for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
-  // The rows were centred on mean32, not on the exact mean: remove the resulting rank-one term.
+  // The rows were centered on mean32, not on the exact mean: remove the resulting rank-one term.
   const double di = mean64[i] - static_cast<double>(mean32[i]), dj = mean64[j] - static_cast<double>(mean32[j]);
   const float v = static_cast<float>(s / static_cast<double>(n) - di * dj);
   cov[i * d + j] = v;
@@ -712,7 +712,7 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
                    static_cast<size_t>(info.smem_optin) >= kMmaSmemBase;
 
   // Pass 1: exact mean, and the sums of squares (simt) or the range (mma) that pick each column's
-  // fp32 centre.
+  // fp32 center.
   const int64_t mean_rows = std::max(kMinMeanRows, ceil_div(n, kMaxMeanSplits));
   const int64_t mean_splits = ceil_div(n, mean_rows);
   at::Tensor mean_partial = at::empty({4 * mean_splits, d}, f64);
@@ -727,7 +727,7 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
       mma ? inv_scale.data_ptr<float>() : nullptr, mma ? scale.data_ptr<double>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Pass 2: Gram matrix of the centred rows, upper-triangle tiles, split over rows.
+  // Pass 2: Gram matrix of the centered rows, upper-triangle tiles, split over rows.
   const int64_t per_side = ceil_div(d, kTile);
   const int64_t tiles = per_side * (per_side + 1) / 2;
   TORCH_CHECK(tiles * kPerThread <= INT32_MAX, "center_syrk (CUDA): d = ", d, " is too large");
