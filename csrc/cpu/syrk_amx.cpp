@@ -11,9 +11,9 @@
 // size 2^-26 and below. The leading term and the sum of the small ones are accumulated in separate
 // fp32 tiles, so the small terms add no rounding at the size of the leading one; after each run of
 // rows both are added into the fp64 tile. The result is not bitwise that of the other sets (the
-// tile units round their sums in their own order), but within the same error against fp64 (4.5e-8
-// against the fp32 sets' 3.7e-8 at Qwen3-4B's shape), and bitwise the same for any thread count
-// (runs start at row 0 and each tile's runs are added in row order).
+// tile units round their sums in their own order), but within the same error against fp64
+// (docs/design/cpu-covariance.md), and bitwise the same for any thread count (runs start at row 0
+// and each tile's runs are added in row order).
 //
 // Micro-tile: 16 rows (i, the "A" panels of the driver, in the tile units' pair-interleaved B
 // layout) x 32 columns (j, the driver's "B" panels, transposed: one tile row per column). Panels

@@ -10,23 +10,24 @@
 //    values stay bf16, and the mean is taken out in fp64 at the end. Its products with other such
 //    columns then have a mean of their own, so their fp32 run sums drift; where that matters, every
 //    16 pairs of rows one more step adds the exact products -32 mb_i mb_j (mb: the mean on a
-//    coarse bf16 grid) and the driver takes them out in fp64 (plan_exact in center_syrk.cpp has
-//    the rule and the measurements);
+//    coarse bf16 grid) and the driver takes them out in fp64 (plan_exact_columns in
+//    center_syrk.cpp has the rule, docs/design/cpu-covariance.md the measurements);
 //  - a column whose mean is larger is centered on its scaled mean rounded to bf16, t = x 2^-e -
 //    shift, exact in fp32, and t is split into two bf16 parts that hold it exactly, t = h + m (the
 //    rounding error of a bf16 sum is a bf16 number). h stays in the column, m becomes an extra
 //    column of the matrix multiplied, so the extended product holds every partial product h h',
 //    h m', m h', m m', and the driver adds them in fp64.
 // The diagonal is not taken from the products: the squares of bf16 numbers have biased low bits
-// (squares modulo 2^k take only some values), so their fp32 sums round low (by about 1.5e-7 of the
-// sum, measured with runs of 128 rows). It comes from fp64 sums of t^2 instead: for an uncentered column t is x
-// scaled, so pass 1's sum of x^2 serves; the packs add t^2 of centered columns as they convert.
+// (squares modulo 2^k take only some values), so their fp32 sums round low
+// (docs/design/cpu-covariance.md). It comes from fp64 sums of t^2 instead: for an uncentered
+// column t is x scaled, so pass 1's sum of x^2 serves; the packs add t^2 of centered columns as
+// they convert.
 // The driver (center_syrk.cpp) takes the fp32 avx512 set instead when W is not bf16, or when there
 // would be more than d / 4 extra columns (they would cost more than the doubled rate gains).
 //
-// The fp32 sums of 256 rows (128 vdpbf16ps, 136 with the drift-cancelling steps) are added into fp64 as in the other sets, so the result
-// is bitwise the same for any thread count; it is not the fp32 sets' bits (different products,
-// different sums).
+// The fp32 sums of 256 rows (128 vdpbf16ps, 136 with the drift-cancelling steps) are added into
+// fp64 as in the other sets, so the result is bitwise the same for any thread count; it is not the
+// fp32 sets' bits (different products, different sums).
 // Note that vdpbf16ps treats bf16 subnormal inputs and fp32 subnormal results as zero; after the
 // scaling those are below 2^-126 of a column's largest value.
 //
@@ -293,7 +294,7 @@ const KernelSet& avx512bf16_kernels() {
     s.kc = 256;
     s.b_in_a = true;
     s.micro = micro_plain;
-    s.run = 256;  // 5 % faster than 128 (fewer fp64 additions); error 2.5e-8 instead of 2.3e-8
+    s.run = 256;  // half the fp64 additions of 128, at about the same error (docs/design/cpu-covariance.md)
     s.kalign = 2;
     s.pack_bytes = 2;
     s.b_col_bytes = 4;

@@ -42,7 +42,7 @@ struct ExactBf16 {
   // micro with drift cancellation: the same sums, except that after every shift_pairs pairs of
   // rows one more pair step adds the products of the words pa[0..mr) (the A panel's columns) and
   // pb[0..nr) (the B panel's), so each sum also holds (pairs / shift_pairs) times those products
-  // (pairs = (kc + 1) / 2). Used on the tiles the driver picks (see plan_exact).
+  // (pairs = (kc + 1) / 2). Used on the tiles the driver picks (see plan_exact_columns).
   void (*micro_shift)(int64_t kc, const float* a, const float* b, double* c, const double* pf, const uint32_t* pa,
                       const uint32_t* pb);
   int64_t shift_pairs;
