@@ -128,6 +128,7 @@ std::vector<WorkItem> make_items(const Triangle& t, int64_t mc_cols, int64_t jb_
   }
 }
 
+// A kernel set's building blocks for W's element type T (null where the set has none).
 template <typename T>
 struct Typed;
 template <>
