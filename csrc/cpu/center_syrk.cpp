@@ -3,31 +3,41 @@
 // Input: W (N, d), bf16/fp16/fp32, unit column stride (any row stride, e.g. a memory-mapped file).
 // Output: mean fp64 (d,), covariance fp32 (d, d), symmetric and full.
 //
-// Two passes over W. Pass 1 sums each column and its squares in fp64 (the exact mean, whatever the
-// offset, and the spread, which picks the fp32 value each column is centred on: centre.h). Pass 2
-// takes blocks of KC rows; each block is converted, centred and packed once into MR-wide (A) and
-// NR-wide (B) column panels (L2/L3 resident, in the kernel set's layout: fp32 rows for the 16 x 6
-// AVX2 and 48 x 8 AVX-512 tiles, where AVX-512 reads B from the A panels; split bf16 tiles for the
-// 16 x 32 AMX tile), then MR x NR tiles of the upper triangle accumulate RUN rows of products at a
-// time in fp32 and add them into an fp64 tile accumulator. So no fp32 or centred copy of W exists,
-// only one triangle is computed, and no fp32 sum is longer than RUN terms (128; AMX and avx512bf16
-// 256, plus 8 drift-cancelling terms on some avx512bf16 tiles; relative
-// error ~5e-8 against fp64, where one long fp32 sum reaches 2-4e-7).
+// The driver (center_syrk_impl) runs named steps:
+//   column_stats               pass 1: per column, fp64 sums of x and x^2 (exact set: also max |x|)
+//   plan_exact / plan_fp32     the kernel set, the columns multiplied and what each is centered on
+//   accumulate                 pass 2: blocks of rows packed (BlockPacker) and multiplied
+//                              (multiply_item) into fp64 sums of the centered rows' products
+//   finish_exact / finish_fp32 the centers' offset from the mean taken out, / N, rounded to fp32
+// Pass 1's statistics of disjoint sets of rows add up; pass 2's sums are sums over the rows it is
+// given, around centers the plan fixed beforehand, not yet divided by N. So the rows could be
+// split between processes: one reduction of the statistics, one of the sums, then one finish.
+//
+// Pass 1 sums each column and its squares in fp64 (the exact mean, whatever the offset, and the
+// spread, which picks the fp32 value each column is centered on: center.h). Pass 2 takes blocks of
+// KC rows; each block is converted, centered and packed once into MR-wide (A) and NR-wide (B)
+// column panels (L2/L3 resident, in the kernel set's layout: fp32 rows for the 16 x 6 AVX2 and
+// 48 x 8 AVX-512 tiles, where AVX-512 reads B from the A panels; split bf16 tiles for the 16 x 32
+// AMX tile), then MR x NR tiles of the upper triangle accumulate RUN rows of products at a time in
+// fp32 and add them into an fp64 tile accumulator. So no fp32 or centered copy of W exists, only
+// one triangle is computed, and no fp32 sum is longer than RUN terms (128; AMX and avx512bf16 256,
+// plus 8 drift-cancelling terms on some avx512bf16 tiles), which keeps the error far below that of
+// one long fp32 sum (docs/design/cpu-covariance.md has the figures).
 //
 // Threads split the triangle's tiles (not the rows), taking work items as they become free, and
 // pack the next block while the current one is multiplied. Each fp64 tile always receives its block
 // sums in the same order (runs of RUN rows from row 0, whatever KC or the tile shape), so the result
 // is bitwise identical for any thread count or timing, and across the portable, AVX2 and AVX-512
-// sets (the AMX set rounds in its own way: bitwise reproducible and within the same error, but not the
-// same bits).
+// sets (the AMX set rounds in its own way: bitwise reproducible and within the same error, but not
+// the same bits).
 //
 // A set with exact bf16 products (avx512bf16, for bf16 W) changes three things: pass 1 also finds
 // each column's largest |x|, from which a plan (plan_exact) scales every column by a power of two
-// and picks the columns to centre; pass 2 multiplies an extended matrix, W's columns followed by
-// an extra part of each centred column, packed as bf16 row pairs, with the run sums of uncentred
-// columns with moderate means kept from drifting (see plan_exact); and the covariance is
+// and picks the columns to center; pass 2 multiplies an extended matrix, W's columns followed by
+// an extra part of each centered column, packed as bf16 row pairs, with the run sums of uncentered
+// columns with moderate means kept from drifting (see plan_exact_columns); and the covariance is
 // assembled from the extended product's partial products, with the diagonal taken from fp64 sums
-// of squares (pass 1's for uncentred columns, the packs' for centred ones). When the plan refuses
+// of squares (pass 1's for uncentered columns, the packs' for centered ones). When the plan refuses
 // (non-finite values, more than d / 4 extra columns) or W is not bf16, the set's fallback
 // (avx512) does everything.
 //
@@ -43,20 +53,29 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <mutex>
-#include <thread>
+#include <optional>
 #include <type_traits>
 #include <unordered_map>
-#include <unordered_set>
+#include <utility>
 #include <vector>
 
-#include "../centre.h"
+#include "../center.h"
+#include "status.h"
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
 namespace {
+
+// The rows of W a call reads: n rows of d elements, stride elements apart, unit column stride.
+template <typename T>
+struct Rows {
+  const T* w;
+  int64_t n, d, stride;
+  const T* row(int64_t r) const { return w + r * stride; }
+};
+
+// ---- Tiles of the upper triangle and the threads' work items ------------------------------------
 
 // The tiles of the upper triangle for an MR x NR micro-tile (MR, NR: the kernel set's).
 struct Triangle {
@@ -109,6 +128,7 @@ std::vector<WorkItem> make_items(const Triangle& t, int64_t mc_cols, int64_t jb_
   }
 }
 
+// A kernel set's building blocks for W's element type T (null where the set has none).
 template <typename T>
 struct Typed;
 template <>
@@ -130,43 +150,68 @@ struct Typed<float> {
   static auto accumulate(const KernelSet& k) { return k.accumulate_f32; }
 };
 
-// Pass 1: column sums in fp64, columns split across threads in groups of 64; add(r0, r1, j0, j1) adds
-// rows [r0, r1) of columns [j0, j1) into mean (and whatever else the caller sums), each column in row
-// order. Blocks of PASS1_ROWS rows keep the rows a thread reads in its L2 while it goes through
-// its columns. mean ends as the sums over n.
+// ---- Pass 1: column statistics ------------------------------------------------------------------
+
+// Pass 1's result for a set of rows: per column, the sum of its values and the sum of their
+// squares, each in fp64 in row order, and (from an exact set's pass 1 only) its largest |x|.
+// Statistics of disjoint sets of rows combine: rows, sum and sq add, amax takes the larger.
+struct ColumnStats {
+  int64_t rows = 0;
+  std::vector<double> sum, sq;
+  std::vector<float> amax;  // empty unless an exact set's pass 1 ran
+  int64_t columns() const { return static_cast<int64_t>(sum.size()); }
+};
+
+// Pass 1 with the set that asks for it: an exact set's moments (bf16 W; they also give amax), or
+// an fp32 set's accumulate; both give the same sums, bit for bit. Columns are split across threads
+// in groups of 64 and each column is summed in row order, so the bits depend on neither the
+// thread count nor the set. Blocks of PASS1_ROWS rows keep the rows a thread reads in its L2 while
+// it goes through its columns.
 constexpr int64_t PASS1_ROWS = 256;
-template <typename Add>
-void column_pass(int64_t n, int64_t d, double* mean, const Add& add) {
+template <typename T>
+ColumnStats column_stats(const Rows<T>& rows, const KernelSet& ks) {
+  const int64_t n = rows.n, d = rows.d;
+  const ExactBf16* exact = ks.exact;
+  const auto accumulate = Typed<T>::accumulate(ks);
+  ColumnStats s;
+  s.rows = n;
+  s.sum.assign(d, 0.0);
+  s.sq.assign(d, 0.0);
+  if (exact != nullptr) s.amax.assign(d, 0.0f);
   at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
     const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
-    std::fill(mean + j0, mean + j1, 0.0);
-    for (int64_t r0 = 0; r0 < n; r0 += PASS1_ROWS) add(r0, std::min(n, r0 + PASS1_ROWS), j0, j1);
-    for (int64_t j = j0; j < j1; ++j) mean[j] /= static_cast<double>(n);
+    double* sum = s.sum.data() + j0;
+    double* sq = s.sq.data() + j0;
+    for (int64_t r0 = 0; r0 < n; r0 += PASS1_ROWS) {
+      const int64_t r1 = std::min(n, r0 + PASS1_ROWS);
+      if (exact != nullptr)
+        exact->moments(reinterpret_cast<const c10::BFloat16*>(rows.row(r0)) + j0, rows.stride, r1 - r0, j1 - j0, sum,
+                       sq, s.amax.data() + j0);
+      else
+        for (int64_t r = r0; r < r1; ++r) accumulate(rows.row(r) + j0, j1 - j0, sum, sq);
+    }
   });
+  return s;
 }
 
-// Pass 1 of the fp32 sets: the mean and the sums of squares (into sq, zero on entry), which
-// centre_of (centre.h) needs.
-template <typename T>
-void column_moments(const T* w, int64_t n, int64_t d, int64_t row_stride, const KernelSet& ks, double* mean,
-                    double* sq) {
-  const auto accumulate = Typed<T>::accumulate(ks);
-  column_pass(n, d, mean, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
-    for (int64_t r = r0; r < r1; ++r) accumulate(w + r * row_stride + j0, j1 - j0, mean + j0, sq + j0);
-  });
+// The exact column means, sum / N in fp64: the op's first output.
+void column_means(const ColumnStats& s, double* mean) {
+  for (int64_t j = 0; j < s.columns(); ++j) mean[j] = s.sum[j] / static_cast<double>(s.rows);
 }
 
 // The finest power-of-two grid of each column's values in an even sample of up to 4,096 rows (0
-// where the sample is all zero), for centre_of (centre.h): columns of 0/1 indicators or small
-// integers are centred on that grid. A sample is enough: the centre only steers rounding.
+// where the sample is all zero), for center_of (center.h): columns of 0/1 indicators or small
+// integers are centered on that grid. A sample is enough: the center only steers rounding. (For
+// rows split between processes, the finest of their grids.)
 template <typename T>
-void sample_grid(const T* w, int64_t n, int64_t d, int64_t row_stride, std::vector<double>& grid) {
+std::vector<double> sample_grid(const Rows<T>& rows) {
+  const int64_t n = rows.n, d = rows.d;
   const int64_t step = std::max<int64_t>(1, n / 4096);
   std::vector<int> lsb(d, std::numeric_limits<int>::max());
   at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
     const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
     for (int64_t r = 0; r < n; r += step) {
-      const T* row = w + r * row_stride;
+      const T* row = rows.row(r);
       for (int64_t j = j0; j < j1; ++j) {
         uint32_t u;
         const float x = static_cast<float>(row[j]);
@@ -180,20 +225,23 @@ void sample_grid(const T* w, int64_t n, int64_t d, int64_t row_stride, std::vect
       }
     }
   });
-  grid.assign(d, 0.0);
+  std::vector<double> grid(d, 0.0);
   for (int64_t j = 0; j < d; ++j)
     if (lsb[j] != std::numeric_limits<int>::max()) grid[j] = std::ldexp(1.0, lsb[j]);
+  return grid;
 }
+
+// ---- Runs of identical rows ---------------------------------------------------------------------
 
 // Runs of identical consecutive rows: the padded or reserved tokens at the end of a vocabulary, rows
 // of zeros, a row repeated. In such a run a product is the same number in every row, so an fp32
-// run sum adds that number to itself again and again and its rounding errors do not cancel: 1/3 of
-// W in one run gave 5.9e-7 on the fp32 sets, 1 % of it 1.2e-7. The driver leaves these rows out of
-// the packs (zeros) and adds k u u^T in fp64 instead (u the row centred as the packs centre it, k the
-// rows of every run of that row). Runs shorter than MIN_RUN rows are left in; of the distinct rows
-// that runs repeat, those with MIN_COUNT or more rows in runs are taken, at most MAX_ROWS, the
-// ones with the most (each costs d^2 / 2 fp64 products at the end); runs of the others stay in the
-// packs (a few short runs of different rows do not show: 750 runs of 8 rows, 3.0e-8).
+// run sum adds that number to itself again and again and its rounding errors do not cancel. The
+// driver leaves these rows out of the packs (zeros) and adds k u u^T in fp64 instead (u the row
+// centered as the packs center it, k the rows of every run of that row). Runs shorter than MIN_RUN
+// rows are left in; of the distinct rows that runs repeat, those with MIN_COUNT or more rows in
+// runs are taken, at most MAX_ROWS, the ones with the most (each costs d^2 / 2 fp64 products at
+// the end); runs of the others stay in the packs (a few short runs of different rows do not show
+// in the error: docs/design/cpu-covariance.md).
 struct RowRun {
   int64_t begin, end;
   int64_t row;  // its index in RowRuns::rows
@@ -206,10 +254,11 @@ constexpr int64_t MIN_RUN = 8;
 constexpr int64_t MIN_COUNT = 32;
 constexpr int64_t MAX_ROWS = 64;
 template <typename T>
-RowRuns identical_runs(const T* w, int64_t n, int64_t d, int64_t row_stride) {
+RowRuns identical_runs(const Rows<T>& w) {
+  const int64_t n = w.n, d = w.d;
   RowRuns out;
   if (n < MIN_RUN) return out;
-  const auto row = [&](int64_t r) { return w + r * row_stride; };
+  const auto row = [&](int64_t r) { return w.row(r); };
   const auto equal = [&](int64_t r, int64_t q) { return std::memcmp(row(r), row(q), d * sizeof(T)) == 0; };
   // Most rows differ from the previous one in their first bytes: this reads little more than a
   // cache line per row.
@@ -279,29 +328,10 @@ RowRuns identical_runs(const T* w, int64_t n, int64_t d, int64_t row_stride) {
   return out;
 }
 
-// Owns the progress counters from the start of a call to its end, however it ends.
-struct ProgressScope {
-  const int64_t id;
-  explicit ProgressScope(int64_t n) : id(covariance_progress().calls.fetch_add(1) + 1) {
-    covariance_progress().owner.store(id);
-    covariance_progress().done.store(0);
-    covariance_progress().total.store(n);
-  }
-  // Only the call that owns the counters moves them: an older call still running (one abandoned
-  // after an interrupt) cannot reset or advance a newer call's progress.
-  void advance(int64_t rows) const {
-    if (covariance_progress().owner.load(std::memory_order_relaxed) == id)
-      covariance_progress().done.store(rows, std::memory_order_relaxed);
-  }
-  ~ProgressScope() {
-    if (covariance_progress().owner.load() != id) return;
-    covariance_progress().total.store(0);
-    covariance_progress().done.store(0);
-  }
-};
+// ---- The plan -----------------------------------------------------------------------------------
 
 // How a set with exact bf16 products (ExactBf16, syrk_avx512bf16.cpp) multiplies W: the columns
-// of the extended matrix (W's d columns, then the extra parts of each centred column) and, per
+// of the extended matrix (W's d columns, then the extra parts of each centered column) and, per
 // column of W, its power-of-two scale, its shift (0, or its mean scaled and rounded to bf16; a
 // constant column's value) and what remains to be taken out in fp64 at the end.
 struct ExactPlan {
@@ -311,73 +341,76 @@ struct ExactPlan {
   std::vector<int8_t> extras;        // ... and how many it has (0 or 1)
   std::vector<float> scale, shift;
   std::vector<double> unscale, delta;  // 1 / scale; mean * scale - shift
-  std::vector<double> diag;            // sum of t^2 over the rows: from pass 1, or (centred) the packs
-  // Drift cancellation (ExactBf16::micro_shift) for uncentred columns whose mean is more than
+  // Drift cancellation (ExactBf16::micro_shift) for uncentered columns whose mean is more than
   // sd / 4: per column of W its shift mean mb (its scaled mean on a coarse grid, bf16; 0 for every
   // other column), and per extended column the words of the extra pair step, bf16 of -2 G mb on
   // the A side and bf16 of mb on the B side (G = shift_pairs; low halves, high halves zero).
   std::vector<double> mb, mb_sd;  // mb_sd: |mean| / sd of a column with mb != 0, else 0
   std::vector<uint32_t> shift_a, shift_b;
+
+  // Every member but extras sized for d columns of W and dp extended ones (with room for the
+  // packs' reads past the last panel), all zero but extra (-1) and unscale (1).
+  void allocate(int64_t d) {
+    const int64_t pad = 64;
+    cols.assign(dp + pad, 0);
+    parts.assign(dp + pad, 0);
+    extra.assign(d, -1);
+    scale.assign(d + pad, 0.0f);
+    shift.assign(d + pad, 0.0f);
+    unscale.assign(d, 1.0);
+    delta.assign(d, 0.0);
+    mb.assign(d, 0.0);
+    mb_sd.assign(d, 0.0);
+    shift_a.assign(dp + pad, 0u);
+    shift_b.assign(dp + pad, 0u);
+  }
 };
 
-// Fills the plan; false when the fallback set should run instead: a value that is not finite, or
-// more than d / 4 extra columns (those would cost more than the faster products gain).
-// A column is centred when |mean| > 3 sd / 4. Left uncentred, its products with another such
+// Fills the exact set's plan from the column statistics; false when the fallback set should run
+// instead: a value that is not finite, or more than d / 4 extra columns (those would cost more
+// than the faster products gain).
+// A column is centered when |mean| > 3 sd / 4. Left uncentered, its products with another such
 // column have a mean of their own, mb_i mb_j, so each fp32 run sum drifts by that much per row and
-// rounds more as it grows (1.5x the error of centred columns at sd / 2 and 4x at 0.9 sd, measured
-// on correlated bf16 columns; about 25x at 2 sd, emulated). Drift cancellation keeps those sums small:
-// after every G = 16 pairs of rows the micro-kernel adds one more pair step, -2 G mb_i mb_j, exact
-// (bf16 products), and the driver takes the same amount out in fp64 at the end. mb is the scaled
-// mean rounded to a grid of 2^-7 of its sd (or of itself, if larger): values on a finer grid than
-// the data's would leave low bits in every run sum that the data's products do not have (an exact
-// bf16(mean) measured 3x the error of no cancellation at all on zero-mean columns). What is left
-// is the products' spread, which grows with the mean too. Measured at 151,936 x 2,560 (the demo
-// W, every column moved): 2.4e-8 at 0, 5.6e-8 at 0.73 sd, 7.6e-8 at 0.9 sd, 8.9e-8 at 0.98 sd,
-// 1.3e-7 at 1.5 sd (the fp32 avx512 set: 4.6-4.9e-8), so 3 sd / 4 keeps the worst case where it
-// was before, at sd / 2 without cancellation (5.8e-8 at 0.45 sd); columns past it are centred.
-// Columns within sd / 4 of zero keep mb = 0. A tile takes the extra steps (6 % more products) only
-// where some product of its columns' |mean| / sd exceeds 1/4, so W whose means all lie within
-// sd / 2 keeps its bits and its speed.
-// A centred column's shift is its scaled mean rounded to bf16, so
-// t = a - shift (a: x scaled) is the difference of two bf16 numbers, exact in fp32, and two parts
-// hold it: h = bf16(t), and t - h, the rounding error of a bf16 sum, is a bf16 number itself. That
-// is one extra column. (Where a and the shift lie more than 2^15 apart, fp32 rounds t, by at most
-// 2^-24 |t|, as the fp32 sets round their x - centre.) Far from zero the shift can sit several sd
-// from the mean (its bf16 spacing there is |mean| / 256 or more), but the values lie on that same
-// grid, so t is a small multiple of the spacing and the run sums of its products are exact: a
-// finer, fp32 shift would give every row the same fp32 remainder and bias those sums (1.7e-7 of
-// the block of columns 700 sd off zero).
-// A constant column is centred without parts: its mean is its value (an exact fp64 sum divided by
+// rounds more as it grows. Drift cancellation keeps those sums small: after every G = 16 pairs of
+// rows the micro-kernel adds one more pair step, -2 G mb_i mb_j, exact (bf16 products), and the
+// driver takes the same amount out in fp64 at the end. mb is the scaled mean rounded to a grid of
+// 2^-7 of its sd (or of itself, if larger): values on a finer grid than the data's would leave low
+// bits in every run sum that the data's products do not have (an exact bf16(mean) does worse on
+// zero-mean columns than no cancellation at all). What is left is the products' spread, which
+// grows with the mean too; up to 3 sd / 4 the error stays within the worst case of columns within
+// sd / 2 without cancellation, so columns past it are centered (docs/design/cpu-covariance.md has
+// the measurements). Columns within sd / 4 of zero keep mb = 0. A tile takes the extra steps (one
+// more product per 16 pairs of rows) only where some product of its columns' |mean| / sd exceeds
+// 1/4, so W whose means all lie within sd / 2 keeps its bits and its speed.
+// A centered column's shift is its scaled mean rounded to bf16, so t = a - shift (a: x scaled) is
+// the difference of two bf16 numbers, exact in fp32, and two parts hold it: h = bf16(t), and
+// t - h, the rounding error of a bf16 sum, is a bf16 number itself. That is one extra column.
+// (Where a and the shift lie more than 2^15 apart, fp32 rounds t, by at most 2^-24 |t|, as the
+// fp32 sets round their x - center.) Far from zero the shift can sit several sd from the mean (its
+// bf16 spacing there is |mean| / 256 or more), but the values lie on that same grid, so t is a
+// small multiple of the spacing and the run sums of its products are exact: a finer, fp32 shift
+// would give every row the same fp32 remainder and bias those sums.
+// A constant column is centered without parts: its mean is its value (an exact fp64 sum divided by
 // N), so t is 0 and costs nothing.
-bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t n, int64_t d, int64_t shift_pairs,
-                ExactPlan& p) {
+bool plan_exact_columns(const ColumnStats& s, const double* mean, int64_t shift_pairs, ExactPlan& p) {
+  const int64_t n = s.rows, d = s.columns();
+  const double* sq = s.sq.data();
+  const float* amax = s.amax.data();
   p.extras.assign(d, 0);
-  std::vector<char> centre(d, 0);
+  std::vector<char> center(d, 0);
   std::vector<double> var(d, 0.0);
   int64_t extras = 0;
   for (int64_t j = 0; j < d; ++j) {
     if (!std::isfinite(mean[j]) || !std::isfinite(sq[j])) return false;
     var[j] = std::max(0.0, sq[j] / static_cast<double>(n) - mean[j] * mean[j]);
-    centre[j] = mean[j] != 0.0 && 16.0 * mean[j] * mean[j] > 9.0 * var[j];
+    center[j] = mean[j] != 0.0 && 16.0 * mean[j] * mean[j] > 9.0 * var[j];
     // Every |x| <= amax, so a mean of +-amax means every x equals it.
-    if (centre[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = 1;
+    if (center[j] && std::fabs(mean[j]) != static_cast<double>(amax[j])) p.extras[j] = 1;
     extras += p.extras[j];
   }
   if (4 * extras > d) return false;
   p.dp = d + extras;
-  const int64_t pad = 64;
-  p.cols.assign(p.dp + pad, 0);
-  p.parts.assign(p.dp + pad, 0);
-  p.extra.assign(d, -1);
-  p.scale.assign(d + pad, 0.0f);
-  p.shift.assign(d + pad, 0.0f);
-  p.unscale.assign(d, 1.0);
-  p.delta.assign(d, 0.0);
-  p.diag.assign(d, 0.0);
-  p.mb.assign(d, 0.0);
-  p.mb_sd.assign(d, 0.0);
-  p.shift_a.assign(p.dp + pad, 0u);
-  p.shift_b.assign(p.dp + pad, 0u);
+  p.allocate(d);
   const auto bits = [](double v) {  // v is a bf16 number
     const c10::BFloat16 h(static_cast<float>(v));
     TORCH_INTERNAL_ASSERT(static_cast<double>(static_cast<float>(h)) == v, "center_syrk: shift mean is not bf16");
@@ -392,12 +425,10 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
     p.unscale[j] = std::ldexp(1.0, e);
     const double m = mean[j] * static_cast<double>(p.scale[j]);  // exact
     const auto m32 = static_cast<float>(m);
-    p.shift[j] = !centre[j] ? 0.0f : p.extras[j] == 1 ? static_cast<float>(c10::BFloat16(m32)) : m32;
+    p.shift[j] = !center[j] ? 0.0f : p.extras[j] == 1 ? static_cast<float>(c10::BFloat16(m32)) : m32;
     p.delta[j] = m - static_cast<double>(p.shift[j]);
-    // Uncentred (shift 0), t is x scaled exactly: the sum of its squares is pass 1's, scaled.
-    if (p.shift[j] == 0.0f) p.diag[j] = sq[j] * static_cast<double>(p.scale[j]) * static_cast<double>(p.scale[j]);
     const double sd = std::sqrt(var[j]) * static_cast<double>(p.scale[j]);
-    if (!centre[j] && m != 0.0 && 16.0 * m * m > sd * sd) {
+    if (!center[j] && m != 0.0 && 16.0 * m * m > sd * sd) {
       // m rounded to a grid of 2^-7 of max(sd, |m|): at most 2^8 steps, so a bf16 number.
       const double q = std::ldexp(1.0, std::max(std::ilogb(sd), std::ilogb(m)) - 7);
       const double mb = std::nearbyint(m / q) * q;
@@ -421,122 +452,230 @@ bool plan_exact(const double* mean, const double* sq, const float* amax, int64_t
   return true;
 }
 
+
+// How pass 2 multiplies and how the finish assembles: the kernel set, the matrix multiplied (its
+// columns and the tiles of its upper triangle) and what each column is centered on. It is made
+// from the column statistics alone (and, for the fp32 sets, the rows' sampled grid), so processes
+// that agree on those make the same plan.
+struct CovariancePlan {
+  const KernelSet& ks;
+  bool exact;
+  Triangle tri;  // tri.d: the columns multiplied (d, or the exact set's extended dp)
+  // fp32 sets: each column's fp32 center (center.h), zero up to whole A and B panels and beyond;
+  // and the columns that take their variance from pass 1's fp64 sums instead of the products.
+  std::vector<float> center;
+  std::vector<char> fp64_var;
+  // The exact set: its columns, and per A and B panel the largest |mean| / sd of its shifted
+  // columns (a tile takes the drift-cancelling steps when the product of its two exceeds 1/4).
+  ExactPlan x;
+  std::vector<double> shift_pa, shift_pb;
+
+  CovariancePlan(const KernelSet& set, bool exact_set, int64_t columns)
+      : ks(set), exact(exact_set), tri(columns, set.mr, set.nr), shift_pa(tri.pa, 0.0), shift_pb(tri.pb, 0.0) {}
+  bool shifted_tile(int64_t ia, int64_t jb) const { return shift_pa[ia] * shift_pb[jb] > 0.25; }
+};
+
+// What the driver assumes of a kernel set: blocks made of whole runs (the results must not depend
+// on the block length), runs made of whole pack rows, B panels that lie inside one A panel when
+// they are read from there, and the packs its path needs.
 template <typename T>
-void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, double* mean64, float* cov) {
-  const ProgressScope progress(n);
-  const uint64_t caller = thread_key();
-  const KernelSet& chosen = active_kernels();
-  // A set with exact bf16 products runs on bf16 W whose plan allows it; otherwise its fallback does.
-  // Its pass 1 also sums squares and finds each column's largest |x| (the mean gets the same bits).
-  const bool try_exact = chosen.exact != nullptr && std::is_same_v<T, c10::BFloat16>;
-  ExactPlan plan;
-  bool exact = false;
-  std::vector<double> sq(d, 0.0);
-  if (try_exact) {
-    const auto* wb = reinterpret_cast<const c10::BFloat16*>(w);
-    std::vector<float> amax(d, 0.0f);
-    column_pass(n, d, mean64, [&](int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
-      chosen.exact->moments(wb + r0 * row_stride + j0, row_stride, r1 - r0, j1 - j0, mean64 + j0, sq.data() + j0,
-                            amax.data() + j0);
-    });
-    exact = plan_exact(mean64, sq.data(), amax.data(), n, d, chosen.exact->shift_pairs, plan);
-  }
-  const KernelSet& ks = exact ? chosen : chosen.exact != nullptr ? chosen.exact->fallback() : chosen;
+void check_set(const KernelSet& ks, bool exact) {
   const auto pack = Typed<T>::pack(ks);
   const auto pack_pair = Typed<T>::pack_pair(ks);
-  if (!try_exact) column_moments(w, n, d, row_stride, ks, mean64, sq.data());
-  const int64_t dp = exact ? plan.dp : d;  // columns of the matrix multiplied
-  last_covariance().set.store(ks.name);
-  last_covariance().columns.store(dp);
-
-  // A kernel set's own constants: blocks made of whole runs (the results must not depend on the
-  // block length), runs made of whole pack rows, and B panels that lie inside one A panel when they
-  // are read from there.
-  const int64_t RUN = ks.run, KC = ks.kc, EB = ks.pack_bytes, BC = ks.b_col_bytes > 0 ? ks.b_col_bytes : EB;
-  TORCH_INTERNAL_ASSERT(RUN > 0 && KC % RUN == 0 && RUN % ks.kalign == 0 && (!ks.b_in_a || ks.mr % ks.nr == 0) &&
+  TORCH_INTERNAL_ASSERT(ks.run > 0 && ks.kc % ks.run == 0 && ks.run % ks.kalign == 0 &&
+                            (!ks.b_in_a || ks.mr % ks.nr == 0) &&
                             (exact ? ks.b_in_a
                                    : pack_pair == nullptr ? pack != nullptr : !ks.b_in_a && ks.nr % ks.mr == 0),
                         "center_syrk: kernel set ", ks.name, " has an invalid tile or block length");
-  const Triangle tri(dp, ks.mr, ks.nr);
-  const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
-  // Drift cancellation: the largest |mean| / sd of the shifted columns of each A and B panel (a tile
-  // takes the extra steps when the product of its two exceeds 1/4), and how many extra steps every
-  // such tile gets in all.
-  std::vector<double> shift_pa(tri.pa, 0.0), shift_pb(tri.pb, 0.0);
-  const auto shifted_tile = [&](int64_t ia, int64_t jb) { return shift_pa[ia] * shift_pb[jb] > 0.25; };
-  int64_t shift_steps = 0;
-  if (exact && std::any_of(plan.mb.begin(), plan.mb.end(), [](double v) { return v != 0.0; })) {
-    for (int64_t j = 0; j < d; ++j) {
-      shift_pa[j / MR] = std::max(shift_pa[j / MR], plan.mb_sd[j]);
-      shift_pb[j / NR] = std::max(shift_pb[j / NR], plan.mb_sd[j]);
-    }
-    for (int64_t r0 = 0; r0 < n; r0 += ks.kc) {
-      const int64_t kc = std::min(ks.kc, n - r0);
-      for (int64_t k0 = 0; k0 < kc; k0 += ks.run) shift_steps += (std::min(ks.run, kc - k0) + 1) / 2 / ks.exact->shift_pairs;
-    }
-  }
-  std::vector<float> mean32(std::max(tri.pa * MR, tri.pb * NR) + 16, 0.0f);
-  // Columns within 16 sd of zero (centre.h) take their variance from the fp64 sums of pass 1.
-  std::vector<char> fp64_var(d, 0);
-  if (!exact) {
-    std::vector<double> grid;
-    sample_grid(w, n, d, row_stride, grid);
-    for (int64_t j = 0; j < d; ++j) {
-      bool from_fp64 = false;
-      mean32[j] = refframe::centre_of<T>(mean64[j], sq[j], n, grid[j], &from_fp64);
-      fp64_var[j] = from_fp64;
+}
+
+// The plan of a set with exact bf16 products for bf16 W, or none where plan_exact_columns refuses.
+std::optional<CovariancePlan> plan_exact(const ColumnStats& stats, const double* mean, const KernelSet& ks) {
+  ExactPlan x;
+  if (!plan_exact_columns(stats, mean, ks.exact->shift_pairs, x)) return std::nullopt;
+  check_set<c10::BFloat16>(ks, true);
+  std::optional<CovariancePlan> p(std::in_place, ks, true, x.dp);
+  p->x = std::move(x);
+  const ExactPlan& px = p->x;
+  if (std::any_of(px.mb.begin(), px.mb.end(), [](double v) { return v != 0.0; })) {
+    const int64_t MR = p->tri.MR, NR = p->tri.NR;
+    for (int64_t j = 0; j < stats.columns(); ++j) {
+      p->shift_pa[j / MR] = std::max(p->shift_pa[j / MR], px.mb_sd[j]);
+      p->shift_pb[j / NR] = std::max(p->shift_pb[j / NR], px.mb_sd[j]);
     }
   }
-  // Runs of identical rows (identical_runs), for the sets whose packs the driver can blank (fp32
-  // rows, or the exact set's bf16 row pairs): per distinct row and column, u (the row centred as
-  // the packs centre it, x - centre or x scale - shift, here unrounded) and k u (k: its rows in
-  // runs), in fp64.
-  const bool blankable = exact || (pack_pair == nullptr && EB == 4 && ks.kalign == 1);
-  const RowRuns repeated = blankable ? identical_runs(w, n, d, row_stride) : RowRuns{};
-  const std::vector<RowRun>& runs = repeated.runs;
-  const auto nruns = static_cast<int64_t>(repeated.rows.size());
-  std::vector<double> run_u(d * nruns), run_ku(d * nruns);
-  for (int64_t q = 0; q < nruns; ++q) {
-    const T* row = w + repeated.rows[q] * row_stride;
+  return p;
+}
+
+// The plan of an fp32 set: W's columns as they are, each centered on center_of (center.h) of its
+// mean, sum of squares and sampled grid; columns within 16 sd of zero take their variance from
+// pass 1's fp64 sums.
+template <typename T>
+CovariancePlan plan_fp32(const ColumnStats& stats, const double* mean, const std::vector<double>& grid,
+                         const KernelSet& ks) {
+  check_set<T>(ks, false);
+  const int64_t d = stats.columns();
+  CovariancePlan p(ks, false, d);
+  p.center.assign(std::max(p.tri.pa * p.tri.MR, p.tri.pb * p.tri.NR) + 16, 0.0f);
+  p.fp64_var.assign(d, 0);
+  for (int64_t j = 0; j < d; ++j) {
+    bool from_fp64 = false;
+    p.center[j] = refframe::center_of<T>(mean[j], stats.sq[j], stats.rows, grid[j], &from_fp64);
+    p.fp64_var[j] = from_fp64;
+  }
+  return p;
+}
+
+// ---- Pass 2: the products of the centered rows --------------------------------------------------
+
+// The rows of the runs identical_runs found, in fp64: per distinct row q and column j, u (the row
+// centered as the packs center it: x - center, or x scale - shift for the exact set; unrounded)
+// and k u (k: its rows in runs), at [j * count + q].
+struct RunTerms {
+  int64_t count = 0;
+  std::vector<double> u, ku;
+  // What the runs' rows add to entry (i, j) of the sums.
+  double sum(int64_t i, int64_t j) const {
+    double s = 0.0;
+    for (int64_t q = 0; q < count; ++q) s += u[i * count + q] * ku[j * count + q];
+    return s;
+  }
+};
+
+template <typename T>
+RunTerms run_terms(const Rows<T>& rows, const RowRuns& repeated, const CovariancePlan& plan) {
+  const int64_t d = rows.d;
+  RunTerms t;
+  t.count = static_cast<int64_t>(repeated.rows.size());
+  t.u.resize(d * t.count);
+  t.ku.resize(d * t.count);
+  for (int64_t q = 0; q < t.count; ++q) {
+    const T* row = rows.row(repeated.rows[q]);
     const auto k = static_cast<double>(repeated.count[q]);
     for (int64_t j = 0; j < d; ++j) {
       const auto x = static_cast<double>(static_cast<float>(row[j]));
-      const double u = exact ? x * static_cast<double>(plan.scale[j]) - static_cast<double>(plan.shift[j])
-                             : x - static_cast<double>(mean32[j]);
-      run_u[j * nruns + q] = u;
-      run_ku[j * nruns + q] = k * u;
+      const double u = plan.exact ? x * static_cast<double>(plan.x.scale[j]) - static_cast<double>(plan.x.shift[j])
+                                  : x - static_cast<double>(plan.center[j]);
+      t.u[j * t.count + q] = u;
+      t.ku[j * t.count + q] = k * u;
     }
   }
-  // What the runs' rows add to entry (i, j) of the sums.
-  const auto run_sum = [&](int64_t i, int64_t j) {
-    double s = 0.0;
-    for (int64_t q = 0; q < nruns; ++q) s += run_u[i * nruns + q] * run_ku[j * nruns + q];
-    return s;
-  };
+  return t;
+}
 
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const auto items = make_items(tri, ks.mc_cols, ks.jb_cols, nthreads);
+// Pass 2's result for a set of rows: sums over those rows of the products of their columns,
+// centered as the plan centers them, in fp64 and not yet divided by N. The packed rows' products
+// sit in the fp64 tiles of the upper triangle (plan.tri: tile (ia, jb) at (first_tile[jb] + ia)
+// TILE, its entry (r, c) at c MR + r); the rows left out of the packs come as run terms. The exact
+// set adds the packs' fp64 sums of t^2 of its centered columns (the diagonal) and the number of
+// drift-cancelling steps each shifted tile took. Results for disjoint sets of rows combine by
+// adding tiles, diag and shift_steps and joining the run terms.
+struct RowProducts {
+  at::Tensor tiles;
+  std::vector<double> diag;
+  int64_t shift_steps = 0;
+  RunTerms runs;
+  const double* acc() const { return tiles.const_data_ptr<double>(); }
+};
 
-  // 64-byte aligned scratch: two sets of A and B packs (the block being multiplied and the next one,
-  // packed meanwhile) and the fp64 tile accumulator. Pack offsets are in bytes: EB bytes per
-  // element, blocks of kcp = kc rounded up to the set's kalign rows.
-  // With b_in_a, B panel jb is read from the A panels (columns jb NR .. jb NR + NR of a row of A
-  // panel jb NR / MR, BC bytes apart, rows MR elements apart) and only A panels are packed.
-  const bool b_in_a = ks.b_in_a;
-  const auto padded = [&](int64_t kc) { return (kc + ks.kalign - 1) / ks.kalign * ks.kalign; };
-  const int64_t pack_set_bytes = (tri.pa * MR + (b_in_a ? 0 : tri.pb * NR)) * padded(KC) * EB;
-  at::Tensor pack_t = at::empty({2 * pack_set_bytes + 64}, at::TensorOptions().dtype(at::kByte));
-  at::Tensor acc_t = at::zeros({tri.tiles * TILE}, at::TensorOptions().dtype(at::kDouble));
-  double* acc = acc_t.data_ptr<double>();
-  char* const pack_base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(pack_t.data_ptr<uint8_t>()) + 63) & ~uintptr_t{63});
+// The drift-cancelling steps micro_shift adds to a tile over a block of kc rows: one per
+// shift_pairs pairs of rows of each run.
+int64_t drift_steps(const KernelSet& ks, int64_t kc) {
+  int64_t steps = 0;
+  for (int64_t k0 = 0; k0 < kc; k0 += ks.run) steps += (std::min(ks.run, kc - k0) + 1) / 2 / ks.exact->shift_pairs;
+  return steps;
+}
 
+// Pass 2's packs: two sets (the block being multiplied and the next one, packed meanwhile) of A and
+// B panels, 64-byte aligned. Offsets are in bytes: EB bytes per element, blocks of kcp = kc rows
+// rounded up to the set's kalign rows; in a set, A panel ia starts at ia kcp MR EB and B panel jb
+// at (pa MR + jb NR) kcp EB. With b_in_a, B panel jb is read from the A panels (columns jb NR ..
+// jb NR + NR of a row of A panel jb NR / MR, BC bytes apart, rows MR elements apart) and only A
+// panels are packed.
+struct PackSets {
+  int64_t MR, NR, EB, BC, kalign, pa, pb;
+  bool b_in_a;
+  int64_t set_bytes;
+  at::Tensor storage;
+  char* base;
+
+  PackSets(const KernelSet& ks, const Triangle& tri)
+      : MR(tri.MR), NR(tri.NR), EB(ks.pack_bytes), BC(ks.b_col_bytes > 0 ? ks.b_col_bytes : ks.pack_bytes),
+        kalign(ks.kalign), pa(tri.pa), pb(tri.pb), b_in_a(ks.b_in_a),
+        set_bytes((pa * MR + (b_in_a ? 0 : pb * NR)) * padded(ks.kc) * EB),
+        storage(at::empty({2 * set_bytes + 64}, at::TensorOptions().dtype(at::kByte))),
+        base(reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(storage.data_ptr<uint8_t>()) + 63) & ~uintptr_t{63})) {}
+  int64_t padded(int64_t kc) const { return (kc + kalign - 1) / kalign * kalign; }
+  char* set(int64_t blk) const { return base + (blk & 1) * set_bytes; }  // the packs of block blk
+  char* a_panel(char* set, int64_t kcp, int64_t ia) const { return set + ia * kcp * MR * EB; }
+  char* b_panel(char* set, int64_t kcp, int64_t jb) const { return set + (pa * MR + jb * NR) * kcp * EB; }
+  // Where the micro-kernel reads B panel jb, and the bytes from one of its rows to the next.
+  const char* b_read(const char* set, int64_t kcp, int64_t jb) const {
+    return b_in_a ? set + (jb * NR / MR) * kcp * MR * EB + ((jb * NR) % MR) * BC : set + (pa * MR + jb * NR) * kcp * EB;
+  }
+  int64_t b_row_bytes() const { return (b_in_a ? MR : NR) * EB; }
+};
+
+// Step "pack a block": panel p of the block of rows at r0 (kc = min(KC, N - r0) rows), converted,
+// centered and packed into a pack set in the kernel set's layout, and the rows of the identical
+// runs in it blanked. Panels [0, pa) are A panels, then B; with pack_pair, panel p is B panel p
+// together with the A panels of its columns; the exact set packs A panels only (a panel with extra
+// columns takes the general pack_parts) and adds the t^2 of its centered columns into diag.
+template <typename T>
+class BlockPacker {
+ public:
+  BlockPacker(const Rows<T>& rows, const CovariancePlan& plan, const PackSets& packs, const std::vector<RowRun>& runs)
+      : rows_(rows), plan_(plan), packs_(packs), runs_(runs), pack_(Typed<T>::pack(plan.ks)),
+        pack_pair_(Typed<T>::pack_pair(plan.ks)) {}
+
+  int64_t panels() const {
+    if (plan_.exact) return plan_.tri.pa;
+    return pack_pair_ != nullptr ? plan_.tri.pb : plan_.tri.pa + (packs_.b_in_a ? 0 : plan_.tri.pb);
+  }
+
+  void pack_panel(int64_t r0, char* set, int64_t p, double* diag) const {
+    const int64_t MR = packs_.MR, NR = packs_.NR, EB = packs_.EB, d = rows_.d, stride = rows_.stride;
+    const int64_t kc = std::min(plan_.ks.kc, rows_.n - r0), kcp = packs_.padded(kc);
+    const T* src = rows_.row(r0);
+    if (plan_.exact) {
+      const ExactPlan& x = plan_.x;
+      const auto* bsrc = reinterpret_cast<const c10::BFloat16*>(src);
+      const int64_t col = p * MR, width = std::min(MR, x.dp - col);
+      char* dst = packs_.a_panel(set, kcp, p);
+      if (col + width <= d)
+        plan_.ks.exact->pack(bsrc + col, stride, kc, x.scale.data() + col, x.shift.data() + col, width, MR, dst,
+                             diag + col);
+      else
+        plan_.ks.exact->pack_parts(bsrc, stride, kc, x.cols.data() + col, x.parts.data() + col, x.scale.data(),
+                                   x.shift.data(), width, MR, dst, diag);
+      blank_runs(r0, kc, dst, MR);
+      return;
+    }
+    const float* center = plan_.center.data();
+    if (pack_pair_ != nullptr) {
+      const int64_t col = p * NR;
+      pack_pair_(src + col, stride, kc, center + col, std::min(NR, d - col),
+                 reinterpret_cast<float*>(packs_.b_panel(set, kcp, p)), reinterpret_cast<float*>(set + col * kcp * EB),
+                 kcp * MR * EB);
+      return;
+    }
+    const bool is_a = p < packs_.pa;
+    const int64_t panel = is_a ? MR : NR;
+    const int64_t col = is_a ? p * MR : (p - packs_.pa) * NR;
+    char* dst = is_a ? packs_.a_panel(set, kcp, p) : packs_.b_panel(set, kcp, p - packs_.pa);
+    pack_(src + col, stride, kc, center + col, std::min(panel, d - col), panel, reinterpret_cast<float*>(dst));
+    blank_runs(r0, kc, dst, panel);
+  }
+
+ private:
   // The rows of the block at r0 (kc rows) that lie in a run become zeros in a panel just packed
   // (panel columns wide), so they add nothing to the fp32 sums.
-  auto blank_runs = [&](int64_t r0, int64_t kc, char* dst, int64_t panel) {
-    auto q = std::upper_bound(runs.begin(), runs.end(), r0, [](int64_t r, const RowRun& x) { return r < x.end; });
-    for (; q != runs.end() && q->begin < r0 + kc; ++q) {
+  void blank_runs(int64_t r0, int64_t kc, char* dst, int64_t panel) const {
+    const int64_t EB = packs_.EB;
+    auto q = std::upper_bound(runs_.begin(), runs_.end(), r0, [](int64_t r, const RowRun& x) { return r < x.end; });
+    for (; q != runs_.end() && q->begin < r0 + kc; ++q) {
       const int64_t k0 = std::max(q->begin, r0) - r0, k1 = std::min(q->end, r0 + kc) - r0;
-      if (exact) {
+      if (plan_.exact) {
         // bf16 row pairs (x86, little-endian): row k is half k % 2 of the words of pair row k / 2.
         auto* h = reinterpret_cast<uint16_t*>(dst);
         for (int64_t k = k0; k < k1; ++k)
@@ -545,142 +684,130 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
         std::memset(dst + k0 * panel * EB, 0, static_cast<size_t>((k1 - k0) * panel * EB));
       }
     }
-  };
-  // Panel p of the block starting at row r0 into pack set s. Panels [0, pa) are A panels, then B;
-  // with pack_pair, panel p is B panel p together with the A panels of its columns.
-  auto pack_panel = [&](int64_t r0, int64_t s, int64_t p) {
-    const int64_t kc = std::min(KC, n - r0), kcp = padded(kc);
-    char* base = pack_base + s * pack_set_bytes;
-    const T* src = w + r0 * row_stride;
-    if (exact) {
-      // A panels only; a panel with extra columns takes the general pack.
-      const auto* bsrc = reinterpret_cast<const c10::BFloat16*>(src);
-      const int64_t col = p * MR, width = std::min(MR, dp - col);
-      char* dst = base + p * kcp * MR * EB;
-      if (col + width <= d)
-        ks.exact->pack(bsrc + col, row_stride, kc, plan.scale.data() + col, plan.shift.data() + col, width, MR, dst,
-                       plan.diag.data() + col);
-      else
-        ks.exact->pack_parts(bsrc, row_stride, kc, plan.cols.data() + col, plan.parts.data() + col,
-                             plan.scale.data(), plan.shift.data(), width, MR, dst, plan.diag.data());
-      blank_runs(r0, kc, dst, MR);
-      return;
+  }
+
+  using Pack = decltype(Typed<T>::pack(std::declval<const KernelSet&>()));
+  using PackPair = decltype(Typed<T>::pack_pair(std::declval<const KernelSet&>()));
+  const Rows<T>& rows_;
+  const CovariancePlan& plan_;
+  const PackSets& packs_;
+  const std::vector<RowRun>& runs_;
+  const Pack pack_;
+  const PackPair pack_pair_;
+};
+
+// Step "multiply a block": work item `it` of the block of kc rows packed in `set`. Each of its
+// tiles of the upper triangle takes the products of the block's rows, RUN rows per micro call
+// summed in fp32 and added into the tile's fp64 sums in acc (micro_shift on the tiles the plan
+// shifts).
+void multiply_item(const CovariancePlan& plan, const PackSets& packs, char* set, int64_t kc, const WorkItem& it,
+                   double* acc) {
+  const KernelSet& ks = plan.ks;
+  const Triangle& tri = plan.tri;
+  const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE, EB = packs.EB, RUN = ks.run;
+  const int64_t kcp = packs.padded(kc), bstep = packs.b_row_bytes();
+  for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
+    const char* b = packs.b_read(set, kcp, jb);
+    const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
+    for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
+      const char* a = packs.a_panel(set, kcp, ia);
+      double* c = acc + (tri.first_tile[jb] + ia) * TILE;
+      // The tile after this one in the item, whose fp64 lines our first run prefetches.
+      const double* next = nullptr;
+      if (ia + 1 < ia_end) next = c + TILE;
+      else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
+      const bool shift = plan.shifted_tile(ia, jb);
+      for (int64_t k0 = 0; k0 < kc; k0 += RUN) {
+        const auto* ak = reinterpret_cast<const float*>(a + k0 * MR * EB);
+        const auto* bk = reinterpret_cast<const float*>(b + k0 * bstep);
+        const double* pf = k0 == 0 ? next : nullptr;
+        if (shift)
+          ks.exact->micro_shift(std::min(RUN, kc - k0), ak, bk, c, pf, plan.x.shift_a.data() + ia * MR,
+                                plan.x.shift_b.data() + jb * NR);
+        else
+          ks.micro(std::min(RUN, kc - k0), ak, bk, c, pf);
+      }
     }
-    if (pack_pair != nullptr) {
-      const int64_t col = p * NR;
-      pack_pair(src + col, row_stride, kc, mean32.data() + col, std::min(NR, d - col),
-                reinterpret_cast<float*>(base + (tri.pa * MR + p * NR) * kcp * EB),
-                reinterpret_cast<float*>(base + col * kcp * EB), kcp * MR * EB);
-      return;
-    }
-    const bool is_a = p < tri.pa;
-    const int64_t panel = is_a ? MR : NR;
-    const int64_t col = is_a ? p * MR : (p - tri.pa) * NR;
-    char* dst = is_a ? base + p * kcp * MR * EB : base + (tri.pa * MR + (p - tri.pa) * NR) * kcp * EB;
-    pack(src + col, row_stride, kc, mean32.data() + col, std::min(panel, d - col), panel, reinterpret_cast<float*>(dst));
-    blank_runs(r0, kc, dst, panel);
-  };
+  }
+}
+
+// Pass 2 over a set of rows: blocks of KC rows, each packed (BlockPacker) while the block before it
+// is multiplied (multiply_item). Stops with "center_syrk: cancelled" before a block when the
+// caller's thread was asked to (status.h); advances the progress after each block.
+//
+// One parallel region per block: whoever is free grabs the next chunk of panels of block b + 1 to
+// pack, then the next work item of block b's tiles. Grabbing order does not change any result:
+// within a block each tile is computed by exactly one thread, and the blocks are added into the
+// fp64 tiles in row order (the region ends before the next block starts).
+template <typename T>
+RowProducts accumulate(const Rows<T>& rows, const CovariancePlan& plan, uint64_t caller,
+                       const ProgressScope& progress) {
+  const KernelSet& ks = plan.ks;
+  const int64_t n = rows.n, KC = ks.kc;
+  const PackSets packs(ks, plan.tri);
+  // Runs of identical rows, for the sets whose packs the driver can blank (fp32 rows, or the exact
+  // set's bf16 row pairs).
+  const bool blankable = plan.exact || (Typed<T>::pack_pair(ks) == nullptr && packs.EB == 4 && ks.kalign == 1);
+  const RowRuns repeated = blankable ? identical_runs(rows) : RowRuns{};
+  const BlockPacker<T> packer(rows, plan, packs, repeated.runs);
+  RowProducts out;
+  out.runs = run_terms(rows, repeated, plan);
+  out.tiles = at::zeros({plan.tri.tiles * plan.tri.TILE}, at::TensorOptions().dtype(at::kDouble));
+  out.diag.assign(plan.exact ? rows.d : 0, 0.0);
+  double* acc = out.tiles.data_ptr<double>();
+  double* diag = out.diag.data();
+
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const auto items = make_items(plan.tri, ks.mc_cols, ks.jb_cols, nthreads);
+  const auto item_count = static_cast<int64_t>(items.size());
   constexpr int64_t PACK_CHUNK = 8;  // panels per grab
-  const int64_t npanels = pack_pair != nullptr ? tri.pb : tri.pa + (b_in_a ? 0 : tri.pb);
-  const int64_t pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
-  auto pack_chunk = [&](int64_t r0, int64_t s, int64_t c) {
-    for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p) pack_panel(r0, s, p);
+  const int64_t npanels = packer.panels(), pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
+  const auto pack_chunk = [&](int64_t r0, char* set, int64_t c) {
+    for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p)
+      packer.pack_panel(r0, set, p, diag);
   };
 
   at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) pack_chunk(0, 0, c);
+    for (int64_t c = c0; c < c1; ++c) pack_chunk(0, packs.set(0), c);
   });
-
-  // One parallel region per block: whoever is free grabs the next chunk of panels of block b + 1 to
-  // pack, then the next work item of block b's tiles. Grabbing order does not change any result:
-  // within a block each tile is computed by exactly one thread, and the blocks are added into the
-  // fp64 tiles in row order (the region ends before the next block starts).
   const int64_t nblocks = (n + KC - 1) / KC;
   for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t r0 = blk * KC, kc = std::min(KC, n - r0), kcp = padded(kc);
+    const int64_t r0 = blk * KC, kc = std::min(KC, n - r0);
     TORCH_CHECK(!cancel_requested(caller), "center_syrk: cancelled");
     const bool pack_next = blk + 1 < nblocks;
-    const char* apack = pack_base + (blk & 1) * pack_set_bytes;
-    const char* bpack = apack + tri.pa * MR * kcp * EB;
-    const int64_t bstep = (b_in_a ? MR : NR) * EB;  // bytes per row of a B panel
     std::atomic<int64_t> next_pack{0}, next_item{0};
-    const int64_t item_count = static_cast<int64_t>(items.size());
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
       if (pack_next) {
         for (int64_t c; (c = next_pack.fetch_add(1, std::memory_order_relaxed)) < pack_chunks;)
-          pack_chunk(r0 + KC, (blk + 1) & 1, c);
+          pack_chunk(r0 + KC, packs.set(blk + 1), c);
       }
       bool begun = false;
       for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < item_count;) {
         if (!begun && ks.thread_begin != nullptr) ks.thread_begin();
         begun = true;
-        const WorkItem& it = items[i];
-        for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
-          const char* b = b_in_a ? apack + (jb * NR / MR) * kcp * MR * EB + ((jb * NR) % MR) * BC : bpack + jb * kcp * NR * EB;
-          const int64_t ia_end = std::min(it.ia1, tri.rows(jb));
-          for (int64_t ia = it.ia0; ia < ia_end; ++ia) {
-            const char* a = apack + ia * kcp * MR * EB;
-            double* c = acc + (tri.first_tile[jb] + ia) * TILE;
-            // The tile after this one in the item, whose fp64 lines our first run prefetches.
-            const double* next = nullptr;
-            if (ia + 1 < ia_end) next = c + TILE;
-            else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
-            const bool shift = shifted_tile(ia, jb);
-            for (int64_t k0 = 0; k0 < kc; k0 += RUN) {
-              const auto* ak = reinterpret_cast<const float*>(a + k0 * MR * EB);
-              const auto* bk = reinterpret_cast<const float*>(b + k0 * bstep);
-              const double* pf = k0 == 0 ? next : nullptr;
-              if (shift)
-                ks.exact->micro_shift(std::min(RUN, kc - k0), ak, bk, c, pf, plan.shift_a.data() + ia * MR,
-                                      plan.shift_b.data() + jb * NR);
-              else
-                ks.micro(std::min(RUN, kc - k0), ak, bk, c, pf);
-            }
-          }
-        }
+        multiply_item(plan, packs, packs.set(blk), kc, items[i], acc);
       }
       if (begun && ks.thread_end != nullptr) ks.thread_end();
     });
+    if (plan.exact) out.shift_steps += drift_steps(ks, kc);
     progress.advance(r0 + kc);
   }
+  return out;
+}
 
-  const double inv_n = 1.0 / static_cast<double>(n);
-  if (exact) {
-    // Entry (a, b) of the extended product, a <= b or not. The diagonal comes from the packs' fp64
-    // sums of squares (see syrk_avx512bf16.cpp).
-    const int64_t shift_g = ks.exact->shift_pairs;
-    const auto gram = [&](int64_t a, int64_t b) {
-      if (a > b) std::swap(a, b);
-      return acc[(tri.first_tile[b / NR] + a / MR) * TILE + (b % NR) * MR + a % MR];
-    };
-    // Column j has j entries above the diagonal: columns p and d - 1 - p go together, so every
-    // chunk of pairs has the same work.
-    at::parallel_for(0, (d + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
-      for (int64_t q = 2 * p0; q < 2 * p1; ++q) {
-        const int64_t j = q % 2 == 0 ? q / 2 : d - 1 - q / 2;
-        if (q % 2 == 1 && j == q / 2) continue;  // the middle column of an odd d, done once
-        const int64_t xj = plan.extra[j], nj = plan.extras[j];
-        const double dj = plan.delta[j], uj = plan.unscale[j];
-        cov[j * d + j] = static_cast<float>((plan.diag[j] * inv_n - dj * dj) * uj * uj);
-        for (int64_t i = 0; i < j; ++i) {
-          const int64_t xi = plan.extra[i], ni = plan.extras[i];
-          // Every partial product of the parts of columns i and j, in a fixed order.
-          double s = gram(i, j);
-          // The extra steps added shift_steps times -2 G mb_i mb_j (exact in fp64); take it out.
-          if (shifted_tile(i / MR, j / NR)) s += static_cast<double>(shift_steps * 2 * shift_g) * plan.mb[i] * plan.mb[j];
-          for (int64_t b = 0; b < nj; ++b) s += gram(i, xj + b);
-          for (int64_t a = 0; a < ni; ++a) s += gram(xi + a, j);
-          for (int64_t a = 0; a < ni; ++a)
-            for (int64_t b = 0; b < nj; ++b) s += gram(xi + a, xj + b);
-          s += run_sum(i, j);
-          const double v = (s * inv_n - plan.delta[i] * plan.delta[j]) * plan.unscale[i] * plan.unscale[j];
-          cov[i * d + j] = static_cast<float>(v);
-          cov[j * d + i] = static_cast<float>(v);
-        }
-      }
-    });
-    return;
-  }
+// ---- Finish -------------------------------------------------------------------------------------
+
+// Finish for the fp32 sets: cov = fp32(S / N - (mean - center)(mean - center)^T), S the sums of
+// products (tiles and runs): the rows were centered on the fp32 centers, not on the exact mean,
+// which adds that rank-one term to S / N. A column the plan marks fp64_var takes its variance from
+// pass 1's fp64 sums instead, sq / N - mean^2. Both halves of cov are written.
+void finish_fp32(const CovariancePlan& plan, const ColumnStats& stats, const double* mean, const RowProducts& sums,
+                 float* cov) {
+  const Triangle& tri = plan.tri;
+  const int64_t d = tri.d, MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
+  const double inv_n = 1.0 / static_cast<double>(stats.rows);
+  const double* acc = sums.acc();
+  const float* center = plan.center.data();
   at::parallel_for(0, tri.pb, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t jb = b0; jb < b1; ++jb) {
       for (int64_t ia = 0; ia < tri.rows(jb); ++ia) {
@@ -691,12 +818,11 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
           for (int64_t r = 0; r < MR; ++r) {
             const int64_t i = ia * MR + r;
             if (i > j) break;
-            // The rows were centred on mean32, not on the exact mean: remove the rank-one term
-            // (mean64 - mean32)(mean64 - mean32)^T that this adds to the sums.
-            const double di = mean64[i] - static_cast<double>(mean32[i]);
-            const double dj = mean64[j] - static_cast<double>(mean32[j]);
-            const float v = i == j && fp64_var[j] ? static_cast<float>(sq[j] * inv_n - mean64[j] * mean64[j])
-                                                  : static_cast<float>((tile[c * MR + r] + run_sum(i, j)) * inv_n - di * dj);
+            const double di = mean[i] - static_cast<double>(center[i]);
+            const double dj = mean[j] - static_cast<double>(center[j]);
+            const float v = i == j && plan.fp64_var[j]
+                                ? static_cast<float>(stats.sq[j] * inv_n - mean[j] * mean[j])
+                                : static_cast<float>((tile[c * MR + r] + sums.runs.sum(i, j)) * inv_n - di * dj);
             cov[i * d + j] = v;
             cov[j * d + i] = v;
           }
@@ -704,6 +830,85 @@ void center_syrk_impl(const T* w, int64_t n, int64_t d, int64_t row_stride, doub
       }
     }
   });
+}
+
+// Entry (i, j), i < j, of the exact set's sums S: every partial product of the parts of columns i
+// and j of W (h h', h m', m h', m m', from the extended product's tiles), in a fixed order, less the
+// drift-cancelling steps' -2 G mb_i mb_j (exact in fp64) where the tile took them, plus the runs.
+double exact_sum(const CovariancePlan& plan, const RowProducts& sums, int64_t i, int64_t j) {
+  const Triangle& tri = plan.tri;
+  const ExactPlan& x = plan.x;
+  const double* acc = sums.acc();
+  // Entry (a, b) of the extended product's sums, a <= b or not.
+  const auto gram = [&](int64_t a, int64_t b) {
+    if (a > b) std::swap(a, b);
+    return acc[(tri.first_tile[b / tri.NR] + a / tri.MR) * tri.TILE + (b % tri.NR) * tri.MR + a % tri.MR];
+  };
+  const int64_t xi = x.extra[i], ni = x.extras[i], xj = x.extra[j], nj = x.extras[j];
+  double s = gram(i, j);
+  if (plan.shifted_tile(i / tri.MR, j / tri.NR))
+    s += static_cast<double>(sums.shift_steps * 2 * plan.ks.exact->shift_pairs) * x.mb[i] * x.mb[j];
+  for (int64_t b = 0; b < nj; ++b) s += gram(i, xj + b);
+  for (int64_t a = 0; a < ni; ++a) s += gram(xi + a, j);
+  for (int64_t a = 0; a < ni; ++a)
+    for (int64_t b = 0; b < nj; ++b) s += gram(xi + a, xj + b);
+  return s + sums.runs.sum(i, j);
+}
+
+// Finish for the exact set: cov = fp32((S / N - delta_i delta_j) unscale_i unscale_j), S from
+// exact_sum; the diagonal takes S from fp64 sums of t^2 (t: x scaled, less the shift), pass 1's
+// sq scaled for uncentered columns and the packs' for centered ones: the squares of bf16 numbers
+// have biased low bits, so their fp32 sums would round low (syrk_avx512bf16.cpp).
+void finish_exact(const CovariancePlan& plan, const ColumnStats& stats, const RowProducts& sums, float* cov) {
+  const ExactPlan& x = plan.x;
+  const int64_t d = stats.columns();
+  const double inv_n = 1.0 / static_cast<double>(stats.rows);
+  // Column j has j entries above the diagonal: columns p and d - 1 - p go together, so every
+  // chunk of pairs has the same work.
+  at::parallel_for(0, (d + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = 2 * p0; q < 2 * p1; ++q) {
+      const int64_t j = q % 2 == 0 ? q / 2 : d - 1 - q / 2;
+      if (q % 2 == 1 && j == q / 2) continue;  // the middle column of an odd d, done once
+      const double dj = x.delta[j], uj = x.unscale[j];
+      const double sq = x.shift[j] == 0.0f
+                            ? stats.sq[j] * static_cast<double>(x.scale[j]) * static_cast<double>(x.scale[j])
+                            : sums.diag[j];
+      cov[j * d + j] = static_cast<float>((sq * inv_n - dj * dj) * uj * uj);
+      for (int64_t i = 0; i < j; ++i) {
+        const double s = exact_sum(plan, sums, i, j);
+        const double v = (s * inv_n - x.delta[i] * x.delta[j]) * x.unscale[i] * x.unscale[j];
+        cov[i * d + j] = static_cast<float>(v);
+        cov[j * d + i] = static_cast<float>(v);
+      }
+    }
+  });
+}
+
+// ---- The driver ---------------------------------------------------------------------------------
+
+// center_syrk for W's rows: mean (d,) and cov (d, d) are the op's outputs. A set with exact bf16
+// products runs on bf16 W whose plan allows it; otherwise its fallback does (its pass 1 then
+// already ran, with the same sums).
+template <typename T>
+void center_syrk_impl(const Rows<T>& rows, double* mean, float* cov) {
+  const ProgressScope progress(rows.n);
+  const uint64_t caller = thread_key();
+  const KernelSet& chosen = active_kernels();
+  const KernelSet& fp32_set = chosen.exact != nullptr ? chosen.exact->fallback() : chosen;
+  const bool try_exact = chosen.exact != nullptr && std::is_same_v<T, c10::BFloat16>;
+
+  const ColumnStats stats = column_stats(rows, try_exact ? chosen : fp32_set);
+  column_means(stats, mean);
+  std::optional<CovariancePlan> plan = try_exact ? plan_exact(stats, mean, chosen) : std::nullopt;
+  if (!plan) plan.emplace(plan_fp32<T>(stats, mean, sample_grid(rows), fp32_set));
+  last_covariance().set.store(plan->ks.name);
+  last_covariance().columns.store(plan->tri.d);
+
+  const RowProducts sums = accumulate(rows, *plan, caller, progress);
+  if (plan->exact)
+    finish_exact(*plan, stats, sums, cov);
+  else
+    finish_fp32(*plan, stats, mean, sums, cov);
 }
 
 std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
@@ -721,57 +926,21 @@ std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
   at::Tensor cov = at::empty({d, d}, W.options().dtype(at::kFloat));
   AT_DISPATCH_SWITCH(w.scalar_type(), "center_syrk_cpu",
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        center_syrk_impl(w.const_data_ptr<c10::BFloat16>(), n, d, w.stride(0), mean.data_ptr<double>(),
-                         cov.data_ptr<float>());
+        center_syrk_impl(Rows<c10::BFloat16>{w.const_data_ptr<c10::BFloat16>(), n, d, w.stride(0)},
+                         mean.data_ptr<double>(), cov.data_ptr<float>());
       })
       AT_DISPATCH_CASE(at::kHalf, [&] {
-        center_syrk_impl(w.const_data_ptr<c10::Half>(), n, d, w.stride(0), mean.data_ptr<double>(),
+        center_syrk_impl(Rows<c10::Half>{w.const_data_ptr<c10::Half>(), n, d, w.stride(0)}, mean.data_ptr<double>(),
                          cov.data_ptr<float>());
       })
       AT_DISPATCH_CASE(at::kFloat, [&] {
-        center_syrk_impl(w.const_data_ptr<float>(), n, d, w.stride(0), mean.data_ptr<double>(),
+        center_syrk_impl(Rows<float>{w.const_data_ptr<float>(), n, d, w.stride(0)}, mean.data_ptr<double>(),
                          cov.data_ptr<float>());
       }));
   return {mean, cov};
 }
 
 }  // namespace
-
-CovarianceProgress& covariance_progress() {
-  static CovarianceProgress progress;
-  return progress;
-}
-
-LastCovariance& last_covariance() {
-  static LastCovariance last;
-  return last;
-}
-
-namespace {
-std::mutex cancel_mutex;
-std::unordered_set<uint64_t>& cancelled() {
-  static std::unordered_set<uint64_t> keys;
-  return keys;
-}
-}  // namespace
-
-uint64_t thread_key() { return static_cast<uint64_t>(std::hash<std::thread::id>{}(std::this_thread::get_id())); }
-
-void request_cancel(uint64_t key) {
-  const std::lock_guard<std::mutex> lock(cancel_mutex);
-  cancelled().insert(key);
-}
-
-void clear_cancel(uint64_t key) {
-  const std::lock_guard<std::mutex> lock(cancel_mutex);
-  cancelled().erase(key);
-}
-
-bool cancel_requested(uint64_t key) {
-  const std::lock_guard<std::mutex> lock(cancel_mutex);
-  return cancelled().count(key) != 0;
-}
-
 }  // namespace refframe::cpu
 
 TORCH_LIBRARY_IMPL(refframe, CPU, m) {

@@ -1,32 +1,27 @@
 // AMX building blocks of center_syrk (Intel AMX-BF16 tile units, e.g. Sapphire Rapids and later).
 // Only this file is compiled with -mamx-tile -mamx-bf16; it is used only after a run-time check
-// (amx_usable()) that the CPU has the tile units and the kernel lets this process use them.
+// (amx_usable(), kernel_select.cpp) that the CPU has the tile units and the kernel lets this process
+// use them.
 //
 // The tile units multiply bf16 numbers (products exact in fp32, sums in fp32), about sixteen times
-// as many per cycle as the fp32 FMA units. To keep fp32 precision, every converted and centred
+// as many per cycle as the fp32 FMA units. To keep fp32 precision, every converted and centered
 // value x (fp32, the same value the other sets compute) is split into three bf16 numbers,
 // x = h + m + l up to a relative 2^-27 (h = bf16(x), m = bf16(x - h), l = bf16(x - h - m)), and a
 // product x y is taken as h h' + (h m' + m h' + m m' + h l' + l h'), dropping the terms of relative
 // size 2^-26 and below. The leading term and the sum of the small ones are accumulated in separate
 // fp32 tiles, so the small terms add no rounding at the size of the leading one; after each run of
 // rows both are added into the fp64 tile. The result is not bitwise that of the other sets (the
-// tile units round their sums in their own order), but within the same error against fp64 (4.5e-8
-// against the fp32 sets' 3.7e-8 at Qwen3-4B's shape), and bitwise the same for any thread count
-// (runs start at row 0 and each tile's runs are added in row order).
+// tile units round their sums in their own order), but within the same error against fp64
+// (docs/design/cpu-covariance.md), and bitwise the same for any thread count (runs start at row 0
+// and each tile's runs are added in row order).
 //
 // Micro-tile: 16 rows (i, the "A" panels of the driver, in the tile units' pair-interleaved B
 // layout) x 32 columns (j, the driver's "B" panels, transposed: one tile row per column). Panels
 // hold blocks of 32 rows of W; per block and part, the A panel is one 1 KiB tile, the B panel two.
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
-
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include "syrk_avx512_common.h"
 #include "syrk_kernel.h"
@@ -241,27 +236,6 @@ void micro_amx(int64_t kc, const float* a_f, const float* b_f, double* c, const 
 }
 
 }  // namespace
-
-bool amx_usable() {
-#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool usable = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid_max(0, nullptr) < 7) return false;
-    __cpuid_count(7, 0, a, b, c, d);
-    const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
-    if (!tile || !bf16) return false;
-    __cpuid_count(1, 0, a, b, c, d);
-    if (!((c >> 27) & 1u)) return false;  // OSXSAVE
-    // The kernel enables the tile state (XCR0 bits 17, 18) and grants it per process on request.
-    if ((_xgetbv(0) & (3ull << 17)) != (3ull << 17)) return false;
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return usable;
-#else
-  return false;
-#endif
-}
 
 const KernelSet& amx_kernels() {
   const KernelSet& avx2 = avx2_kernels();

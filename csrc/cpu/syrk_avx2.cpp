@@ -92,7 +92,7 @@ void accumulate_avx2(const typename L::T* src, int64_t d, double* sum, double* s
 // 16x6 register tile: 12 ymm accumulators, 2 ymm for the A column, 1 for the broadcast B value.
 // Per k: 2 loads + 6 broadcasts feed 12 FMAs, so the two FMA pipes stay busy.
 // B rows are NR apart (this set packs its own B panels); a constant stride keeps the unrolled
-// addressing cheap (5 % faster than a stride argument).
+// addressing cheaper than a stride argument would.
 void micro_avx2(int64_t kc, const float* a, const float* b, double* c, const double* pf) {
   if (pf != nullptr)
     for (int64_t j = 0; j < MR * NR; j += 8) _mm_prefetch(reinterpret_cast<const char*>(pf + j), _MM_HINT_T0);

@@ -91,9 +91,9 @@ void micro_avx512(int64_t kc, const float* a, const float* b, double* c, const d
 }  // namespace
 
 const KernelSet& avx512_kernels() {
-  // 128-row blocks (1.3 MB of packs per block at d = 2560), large work items, no separate B
-  // panels: measured fastest on a 2-core AVX-512 machine with 2 MB of L2 per core. The mean pass
-  // is memory-bound: it uses the AVX2 set's column sums (every AVX-512 CPU here has AVX2).
+  // 128-row blocks (1.3 MB of packs per block at d = 2560: they stay in a 2 MB L2), large work
+  // items, no separate B panels: the tuning is in docs/design/cpu-covariance.md. The mean pass is
+  // memory-bound: it uses the AVX2 set's column sums (every AVX-512 CPU here has AVX2).
   const KernelSet& avx2 = avx2_kernels();
   static const KernelSet set{"avx512",
                              MR512,

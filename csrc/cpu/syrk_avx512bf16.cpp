@@ -6,27 +6,28 @@
 // multiplied this way without losing anything, as long as the numbers multiplied are still bf16:
 //  - each column j is scaled by a power of two, 2^-e_j, from its largest |x| (exact; products then
 //    neither underflow nor overflow);
-//  - a column whose mean is small against its spread (|mean| <= 3 sd / 4) is not centred: its
+//  - a column whose mean is small against its spread (|mean| <= 3 sd / 4) is not centered: its
 //    values stay bf16, and the mean is taken out in fp64 at the end. Its products with other such
 //    columns then have a mean of their own, so their fp32 run sums drift; where that matters, every
 //    16 pairs of rows one more step adds the exact products -32 mb_i mb_j (mb: the mean on a
-//    coarse bf16 grid) and the driver takes them out in fp64 (plan_exact in center_syrk.cpp has
-//    the rule and the measurements);
-//  - a column whose mean is larger is centred on its scaled mean rounded to bf16, t = x 2^-e -
+//    coarse bf16 grid) and the driver takes them out in fp64 (plan_exact_columns in
+//    center_syrk.cpp has the rule, docs/design/cpu-covariance.md the measurements);
+//  - a column whose mean is larger is centered on its scaled mean rounded to bf16, t = x 2^-e -
 //    shift, exact in fp32, and t is split into two bf16 parts that hold it exactly, t = h + m (the
 //    rounding error of a bf16 sum is a bf16 number). h stays in the column, m becomes an extra
 //    column of the matrix multiplied, so the extended product holds every partial product h h',
 //    h m', m h', m m', and the driver adds them in fp64.
 // The diagonal is not taken from the products: the squares of bf16 numbers have biased low bits
-// (squares modulo 2^k take only some values), so their fp32 sums round low (by about 1.5e-7 of the
-// sum, measured with runs of 128 rows). It comes from fp64 sums of t^2 instead: for an uncentred column t is x
-// scaled, so pass 1's sum of x^2 serves; the packs add t^2 of centred columns as they convert.
+// (squares modulo 2^k take only some values), so their fp32 sums round low
+// (docs/design/cpu-covariance.md). It comes from fp64 sums of t^2 instead: for an uncentered
+// column t is x scaled, so pass 1's sum of x^2 serves; the packs add t^2 of centered columns as
+// they convert.
 // The driver (center_syrk.cpp) takes the fp32 avx512 set instead when W is not bf16, or when there
 // would be more than d / 4 extra columns (they would cost more than the doubled rate gains).
 //
-// The fp32 sums of 256 rows (128 vdpbf16ps, 136 with the drift-cancelling steps) are added into fp64 as in the other sets, so the result
-// is bitwise the same for any thread count; it is not the fp32 sets' bits (different products,
-// different sums).
+// The fp32 sums of 256 rows (128 vdpbf16ps, 136 with the drift-cancelling steps) are added into
+// fp64 as in the other sets, so the result is bitwise the same for any thread count; it is not the
+// fp32 sets' bits (different products, different sums).
 // Note that vdpbf16ps treats bf16 subnormal inputs and fp32 subnormal results as zero; after the
 // scaling those are below 2^-126 of a column's largest value.
 //
@@ -139,15 +140,15 @@ void pack_bf16(const c10::BFloat16* src, int64_t stride, int64_t kc, const float
   for (int64_t g = 0; g < panel; g += 16) {
     const __mmask16 in = lanes(width - g), out = lanes(panel - g);
     const __m512 sc = _mm512_maskz_loadu_ps(in, scale + g), sh = _mm512_maskz_loadu_ps(in, shift + g);
-    // Only centred columns (shift != 0) need their squares summed here.
-    const __mmask16 centred = _mm512_mask_cmpneq_ps_mask(in, sh, _mm512_setzero_ps());
+    // Only centered columns (shift != 0) need their squares summed here.
+    const __mmask16 centered = _mm512_mask_cmpneq_ps_mask(in, sh, _mm512_setzero_ps());
     __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
-    if (centred == 0) {
+    if (centered == 0) {
       pack_group<false>(src + g, stride, kc, sc, sh, in, out, panel, dst + g, lo, hi);
       continue;
     }
     pack_group<true>(src + g, stride, kc, sc, sh, in, out, panel, dst + g, lo, hi);
-    const __mmask8 c_lo = static_cast<__mmask8>(centred & 0xFF), c_hi = static_cast<__mmask8>(centred >> 8);
+    const __mmask8 c_lo = static_cast<__mmask8>(centered & 0xFF), c_hi = static_cast<__mmask8>(centered >> 8);
     _mm512_mask_storeu_pd(sq + g, c_lo, _mm512_add_pd(_mm512_maskz_loadu_pd(c_lo, sq + g), lo));
     _mm512_mask_storeu_pd(sq + g + 8, c_hi, _mm512_add_pd(_mm512_maskz_loadu_pd(c_hi, sq + g + 8), hi));
   }
@@ -293,7 +294,7 @@ const KernelSet& avx512bf16_kernels() {
     s.kc = 256;
     s.b_in_a = true;
     s.micro = micro_plain;
-    s.run = 256;  // 5 % faster than 128 (fewer fp64 additions); error 2.5e-8 instead of 2.3e-8
+    s.run = 256;  // half the fp64 additions of 128, at about the same error (docs/design/cpu-covariance.md)
     s.kalign = 2;
     s.pack_bytes = 2;
     s.b_col_bytes = 4;

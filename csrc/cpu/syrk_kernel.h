@@ -11,7 +11,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <atomic>
 #include <cstdint>
 
 namespace refframe::cpu {
@@ -29,13 +28,13 @@ struct ExactBf16 {
                   float* amax);
   // Column c < width of kc rows (zero rows up to an even count, zero columns up to panel):
   // bf16(t) with t = float(src[c]) * scale[c] - shift[c] in fp32 (a product and a subtraction, each
-  // rounded to nearest), bf16 rounding to nearest even; for a centred column (shift[c] != 0)
+  // rounded to nearest), bf16 rounding to nearest even; for a centered column (shift[c] != 0)
   // sq[c] += the sum of t^2 over the rows, in fp64 in row order.
   void (*pack)(const c10::BFloat16* src, int64_t stride, int64_t kc, const float* scale, const float* shift,
                int64_t width, int64_t panel, void* dst, double* sq);
   // The same for any columns: column c of the panel is part parts[c] (0 or 1: h or m of
   // t = h + m, h = bf16(t), m = t - h, itself a bf16 number) of column cols[c] of the rows
-  // starting at row0; scale, shift and sq (added to for centred part-0 columns only) are indexed by
+  // starting at row0; scale, shift and sq (added to for centered part-0 columns only) are indexed by
   // that column. Part 0 gives pack's bits.
   void (*pack_parts)(const c10::BFloat16* row0, int64_t stride, int64_t kc, const int32_t* cols,
                      const int32_t* parts, const float* scale, const float* shift, int64_t width, int64_t panel,
@@ -43,7 +42,7 @@ struct ExactBf16 {
   // micro with drift cancellation: the same sums, except that after every shift_pairs pairs of
   // rows one more pair step adds the products of the words pa[0..mr) (the A panel's columns) and
   // pb[0..nr) (the B panel's), so each sum also holds (pairs / shift_pairs) times those products
-  // (pairs = (kc + 1) / 2). Used on the tiles the driver picks (see plan_exact).
+  // (pairs = (kc + 1) / 2). Used on the tiles the driver picks (see plan_exact_columns).
   void (*micro_shift)(int64_t kc, const float* a, const float* b, double* c, const double* pf, const uint32_t* pa,
                       const uint32_t* pb);
   int64_t shift_pairs;
@@ -60,8 +59,8 @@ struct KernelSet {
   int64_t kc, mc_cols, jb_cols;
   // B panels are read from the A panels (nr divides mr) instead of being packed separately.
   bool b_in_a;
-  // Packs one column panel of a block of rows, converted and centred on mean[c] (the driver's
-  // fp32 centre of each column: its mean, or for some far-off columns a value near it):
+  // Packs one column panel of a block of rows, converted and centered on mean[c] (the driver's
+  // fp32 center of each column: its mean, or for some far-off columns a value near it):
   //   dst[k * panel + c] = float(src[k * stride + c]) - mean[c]  for k < kc, c < width,
   //   dst[k * panel + c] = 0                                      for width <= c < panel.
   // panel is mr or nr; width <= panel.
@@ -114,45 +113,17 @@ const KernelSet& avx512_kernels();
 #endif
 #ifdef REFFRAME_HAVE_AMX_TU
 const KernelSet& amx_kernels();
-bool amx_usable();  // the CPU has AMX-TILE and AMX-BF16 and this process may use them
 #endif
 #ifdef REFFRAME_HAVE_AVX512BF16_TU
 const KernelSet& avx512bf16_kernels();
 #endif
 
-// Rows of W done by the running CPU center_syrk call and its row count (both 0 when none runs), for
-// a progress display. One process-wide pair: two calls running at once would share it.
-struct CovarianceProgress {
-  std::atomic<int64_t> done{0};
-  std::atomic<int64_t> total{0};
-  std::atomic<int64_t> owner{0};  // the call the counters belong to: the one that started last
-  std::atomic<int64_t> calls{0};
-};
-CovarianceProgress& covariance_progress();
-
-// What the last CPU center_syrk call that got as far as multiplying ran: its kernel set (a set with
-// exact bf16 products can hand W to its fallback) and the number of columns it multiplied (d, or
-// more with split columns). Null and 0 before the first call.
-struct LastCovariance {
-  std::atomic<const char*> set{nullptr};
-  std::atomic<int64_t> columns{0};
-};
-LastCovariance& last_covariance();
-
-// Cancellation, per calling thread: request_cancel(key) stops the center_syrk call running in the
-// thread whose thread_key() is key at its next row block (it throws "center_syrk: cancelled"), or
-// the next call that thread starts; clear_cancel(key) withdraws the request. So an interrupted
-// build need not wait for its covariance, and no other call is touched.
-uint64_t thread_key();
-void request_cancel(uint64_t key);
-void clear_cancel(uint64_t key);
-bool cancel_requested(uint64_t key);
-
 // The set used by center_syrk: AMX when the CPU has AVX-512 and usable AMX-BF16 tiles, else
 // avx512bf16 when it has AVX-512 F/BW/VL/DQ and AVX512_BF16, else AVX-512 when it has AVX-512
 // F/BW/VL/DQ, else AVX2 when it has AVX2+FMA+F16C, else portable. The environment variable
 // REFFRAME_CPU_KERNEL=portable|avx2|avx512|avx512bf16|amx asks for one set (used by the tests to
-// compare them); a set this CPU cannot run is not taken, the best one below it is.
+// compare them); a set this CPU cannot run is not taken, the best one below it is. The checks and
+// the override live in kernel_select.cpp.
 const KernelSet& active_kernels();
 
 }  // namespace refframe::cpu

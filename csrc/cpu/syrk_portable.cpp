@@ -1,8 +1,6 @@
 // Portable building blocks of center_syrk: plain C++ that any compiler vectorises, with the same
 // arithmetic as the SIMD sets (see syrk_kernel.h).
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "syrk_kernel.h"
 
@@ -53,29 +51,6 @@ const KernelSet& portable_kernels() {
                              accumulate_portable<c10::Half>, accumulate_portable<float>,
                              micro_portable};
   return set;
-}
-
-const KernelSet& active_kernels() {
-  const char* ask = std::getenv("REFFRAME_CPU_KERNEL");
-  const auto asked = [ask](const char* name) { return ask != nullptr && std::strcmp(ask, name) == 0; };
-  if (asked("portable")) return portable_kernels();
-#if defined(REFFRAME_HAVE_AVX2_TU) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                               __builtin_cpu_supports("f16c");
-  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") &&
-                                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                                 __builtin_cpu_supports("avx512dq");
-#ifdef REFFRAME_HAVE_AMX_TU
-  if (has_avx512 && !asked("avx2") && !asked("avx512") && !asked("avx512bf16") && amx_usable()) return amx_kernels();
-#endif
-#ifdef REFFRAME_HAVE_AVX512BF16_TU
-  static const bool has_avx512bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
-  if (has_avx512bf16 && !asked("avx2") && !asked("avx512")) return avx512bf16_kernels();
-#endif
-  if (has_avx512 && !asked("avx2")) return avx512_kernels();
-  if (has_avx2) return avx2_kernels();
-#endif
-  return portable_kernels();
 }
 
 }  // namespace refframe::cpu

@@ -1,17 +1,17 @@
-// The fp32 value a column of W is centred on before its products are formed in fp32 (the CPU fp32
-// kernel sets and the CUDA kernel; x - centre is formed in fp32 and the mean's remainder, mean -
-// centre, is taken out in fp64 at the end, so any centre gives the covariance, some more precisely).
+// The fp32 value a column of W is centered on before its products are formed in fp32 (the CPU fp32
+// kernel sets and the CUDA kernel; x - center is formed in fp32 and the mean's remainder, mean -
+// center, is taken out in fp64 at the end, so any center gives the covariance, some more precisely).
 //
-// Usually fp32(mean), whose 24 bits mostly make the rows' low bits irregular (not always: one randn
-// bf16 column with a mean of -1.22e-4 kept a 4.3e-7 variance error, which the CPU sets' fp64
-// variances below remove). A column far from zero
-// for its spread is different: its values lie on the input type's grid near the mean, coarse compared
-// with the spread, and centred on fp32(mean) every row carries the same fp32 remainder; the fp32
-// sums of such rows' products then round with a bias, 2-8e-7 of the covariance when many columns
-// sit 5-300 sd off zero (a few such columns do not show). Where the grid spacing at the mean is at
-// least sd / 128, the centre is the mean rounded to the input type instead: x - centre is then a
-// small multiple of that spacing, and the products and their run sums are exact or nearly so (4-6e-8
-// in the same tests; centring on a grid finer than the input type's brings the bias back).
+// Usually fp32(mean), whose 24 bits mostly make the rows' low bits irregular (not always: a column
+// with a small mean can keep a variance error, which the CPU sets' fp64 variances below remove). A
+// column far from zero for its spread is different: its values lie on the input type's grid near
+// the mean, coarse compared with the spread, and centered on fp32(mean) every row carries the same
+// fp32 remainder; the fp32 sums of such rows' products then round with a bias, which shows when
+// many columns sit several sd or more off zero. Where the grid spacing at the mean is at least
+// sd / 128, the center is the mean rounded to the input type instead: x - center is then a small
+// multiple of that spacing, and the products and their run sums are exact or nearly so (centering
+// on a grid finer than the input type's brings the bias back). docs/design/cpu-covariance.md has
+// the measurements behind these rules.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -35,15 +35,15 @@ constexpr int min_spacing_exp = std::is_same_v<T, float> ? -149 : std::is_same_v
 //
 // With fp64_variance (the CPU sets; CUDA passes none), for a column within 16 sd of zero that the
 // rule above leaves on fp32(mean), *fp64_variance is set: the caller takes its variance from fp64
-// sums (sq / n - mean^2, which loses at most 257 times fp64's rounding here). And where every value seen of the column
-// is a multiple of grid (a power of two from a sample of rows) and grid >= sd / 64 (0/1
-// indicators, small integers), the centre is the mean rounded to that grid: x - centre is a short
-// multiple of it, and products and run sums are exact or nearly so, where fp32(mean) gave every
-// row the same long remainder and biased them (6.8-8.5e-7 for 0/1 columns, 1.1-3.7e-7 for small
-// integers). Continuous columns keep fp32(mean): centred on a short value, their squares' biased
-// low bits would show, also in the products of a column with a copy of itself.
+// sums (sq / n - mean^2, which loses at most 257 times fp64's rounding here). And where every value
+// seen of the column is a multiple of grid (a power of two from a sample of rows) and
+// grid >= sd / 64 (0/1 indicators, small integers), the center is the mean rounded to that grid:
+// x - center is a short multiple of it, and products and run sums are exact or nearly so, where
+// fp32(mean) gave every row the same long remainder and biased them. Continuous columns keep
+// fp32(mean): centered on a short value, their squares' biased low bits would show, also in the
+// products of a column with a copy of itself.
 template <typename T>
-C10_HOST_DEVICE inline float centre_of(double mean, double sq, int64_t n, double grid = 0.0,
+C10_HOST_DEVICE inline float center_of(double mean, double sq, int64_t n, double grid = 0.0,
                                        bool* fp64_variance = nullptr) {
   if (fp64_variance != nullptr) *fp64_variance = false;
   const auto fp32_mean = static_cast<float>(mean);
