@@ -12,7 +12,7 @@ page cache first when the OS allows; wall clock), host-to-device copy, covarianc
 GPU) and centroid of a 2,212-row cluster, each timed with CUDA events (median of --repeats after a
 warm-up). The covariance error of each backend is taken against a float64 covariance computed on the
 GPU by row chunks. Both covariance kernels are timed (REFFRAME_CUDA_KERNEL=simt and =mma, the
-tensor-core kernel). Pure torch = refframe.reference: W.to(fp32), centring, Wc.T @ Wc (in full fp32
+tensor-core kernel). Pure torch = refframe.reference: W.to(fp32), centering, Wc.T @ Wc (in full fp32
 unless torch.set_float32_matmul_precision was lowered; the JSON records it).
 """
 

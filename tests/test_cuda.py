@@ -67,7 +67,7 @@ def center_syrk(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def check_covariance(W: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> None:
     """Exact fp64 mean; covariance within 1e-7 relative Frobenius of float64, exactly symmetric.
 
-    A 1 x 1 covariance is one fp32 number: its own rounding (up to 6e-8) and that of the centred
+    A 1 x 1 covariance is one fp32 number: its own rounding (up to 6e-8) and that of the centered
     values have nothing to average with, so it gets a few u.
     """
     d = W.shape[1]
@@ -107,15 +107,15 @@ def test_center_syrk_cuda_strided(dtype, view, cuda_kernel):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sigmas", [8.0, 30.0, 100.0])
 def test_center_syrk_cuda_many_far_off_columns(dtype, sigmas, cuda_kernel):
-    # Half the columns far off zero on a coarse bf16/fp16 grid: centred on the mean rounded to W's
-    # type (centre.h), not on its fp32 rounding, whose 128-row fp32 sums round with a bias.
+    # Half the columns far off zero on a coarse bf16/fp16 grid: centered on the mean rounded to W's
+    # type (center.h), not on its fp32 rounding, whose 128-row fp32 sums round with a bias.
     W = make_far_off_w(6000, 96, dtype, sigmas).to(CUDA)
     mean, cov = center_syrk(W)
     check_covariance(W, mean, cov)
 
 
 def test_center_syrk_cuda_subnormal_fp16_columns(cuda_kernel):
-    # Subnormal fp16 columns far off zero: centre.h must use the subnormal spacing, 2^-24.
+    # Subnormal fp16 columns far off zero: center.h must use the subnormal spacing, 2^-24.
     W = make_subnormal_fp16_w(6000, 96).to(CUDA)
     mean, cov = center_syrk(W)
     check_covariance(W, mean, cov)

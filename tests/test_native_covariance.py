@@ -56,8 +56,8 @@ def bf16_plan_columns(W: torch.Tensor) -> int:
     X = W.double()
     mu = X.mean(0)
     var = X.var(0, unbiased=False)
-    centred = (16 * mu * mu > 9 * var) & (var > 0)
-    return W.shape[1] + int(centred.sum())
+    centered = (16 * mu * mu > 9 * var) & (var > 0)
+    return W.shape[1] + int(centered.sum())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -74,9 +74,9 @@ def test_center_syrk_matches_float64(kernel, dtype, shape, offset):
     if shape[0] == 1:
         assert float(cov.abs().max()) == 0.0
     else:
-        # Products of centred fp32 values are exact (AMX: of their bf16 parts, dropping terms below
+        # Products of centered fp32 values are exact (AMX: of their bf16 parts, dropping terms below
         # 2^-26 relative) and sums are at most 128 (AMX 256) terms long before fp64, so what remains
-        # is the rounding of the centred values and of the fp32 output (~u each): <= 1e-7 once a
+        # is the rounding of the centered values and of the fp32 output (~u each): <= 1e-7 once a
         # matrix is large enough for those to average, a few u on tiny ones.
         tol = 1e-7 if shape[0] >= 1000 and shape[1] >= 16 else 3e-7
         assert rel_fro(cov, c64) < tol
@@ -94,7 +94,7 @@ def test_center_syrk_large_offset_beats_fp32_reference(kernel, dtype):
 
 @pytest.mark.parametrize("sigmas", [1e3, 1e5])
 def test_center_syrk_huge_offsets_every_column(kernel, sigmas):
-    # fp32 columns whose mean sits 1e3-1e5 sigma from zero: the kernel centres on the fp32-rounded
+    # fp32 columns whose mean sits 1e3-1e5 sigma from zero: the kernel centers on the fp32-rounded
     # mean, and the rank-one term that rounding leaves must be taken out again (at 1e5 sigma it alone
     # would make the error 1e-5).
     X = make_w(4000, 64, torch.float64)
@@ -110,9 +110,9 @@ def test_center_syrk_huge_offsets_every_column(kernel, sigmas):
 @pytest.mark.parametrize("sigmas", [8.0, 30.0, 100.0])
 def test_center_syrk_many_far_off_columns(kernel, dtype, sigmas):
     # Half the columns sit 8-100 sd off zero, so their bf16/fp16 values lie on a grid that is
-    # coarse for their spread. Centred on their fp32 means, the fp32 run sums of their products
-    # rounded with a bias (2-7e-7 of the covariance); centred on the means rounded to W's type,
-    # x - centre is a small multiple of that grid and the sums are exact or nearly so.
+    # coarse for their spread. Centered on their fp32 means, the fp32 run sums of their products
+    # rounded with a bias (2-7e-7 of the covariance); centered on the means rounded to W's type,
+    # x - center is a small multiple of that grid and the sums are exact or nearly so.
     W = make_far_off_w(6000, 96, dtype, sigmas)
     mu64, c64 = cov64(W)
     mean, cov = native_cov(W)
@@ -122,8 +122,8 @@ def test_center_syrk_many_far_off_columns(kernel, dtype, sigmas):
 
 
 def test_center_syrk_subnormal_fp16_columns(kernel):
-    # fp16 subnormals are spaced 2^-24 apart at any magnitude: the centre rule (centre.h) must see
-    # that spacing, not the one a normal number of that size would have, and centre these columns
+    # fp16 subnormals are spaced 2^-24 apart at any magnitude: the center rule (center.h) must see
+    # that spacing, not the one a normal number of that size would have, and center these columns
     # 5-15 sd off zero on their fp16 means, where the products sum exactly.
     W = make_subnormal_fp16_w(6000, 96)
     assert float(W.abs().max()) < 2.0**-14
@@ -149,9 +149,9 @@ def discrete_w(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["binary p=0.1", "binary p=0.4", "integers 0..6", "integers -3..40", "mixed"])
 def test_center_syrk_discrete_columns(kernel, dtype, kind):
-    """Columns on a coarse grid of their own (0/1 indicators, small integers): centred on fp32(mean)
+    """Columns on a coarse grid of their own (0/1 indicators, small integers): centered on fp32(mean)
     every row carried the same long remainder and the fp32 sums rounded with a bias (6.8-8.5e-7
-    for 0/1 columns, 1.1-3.7e-7 for small integers, every dtype); centred on the mean rounded to
+    for 0/1 columns, 1.1-3.7e-7 for small integers, every dtype); centered on the mean rounded to
     their grid (found in a sample of rows), the products and sums are exact: 1.8-2.8e-8. Half 0/1,
     half continuous: 1.57e-7 before, 3.7-8.7e-8 (the mixed products keep the continuous columns'
     remainder)."""
@@ -165,8 +165,8 @@ def test_center_syrk_discrete_columns(kernel, dtype, kind):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_center_syrk_copied_columns(kernel, dtype):
     """Copies, negated copies and doubled copies of continuous columns: their products are sums of
-    squares, whose low bits are biased when the values are short; continuous columns stay centred
-    on fp32(mean), so these stay at the usual error (a short centre gave 0.9-2.2e-7 in bf16)."""
+    squares, whose low bits are biased when the values are short; continuous columns stay centered
+    on fp32(mean), so these stay at the usual error (a short center gave 0.9-2.2e-7 in bf16)."""
     g = torch.Generator().manual_seed(12)
     y = torch.randn(20000, 16, generator=g, dtype=torch.float64)
     # Known limit: the avx512bf16 set multiplies bf16 W's short values themselves, so a column's
@@ -192,7 +192,7 @@ def repeated_rows_w(kind: str, dtype: torch.dtype) -> torch.Tensor:
     v = make_w(2, d, torch.float64, seed=6)
     if kind == "padded tail":  # the last third of the rows: one row
         X[-n // 3 :] = v[0]
-    elif kind == "zero rows":  # zeros: after centring, identical non-zero rows
+    elif kind == "zero rows":  # zeros: after centering, identical non-zero rows
         X[-n // 20 :] = 0.0
     elif kind == "runs across blocks":
         # Odd starts and ends, runs across the 128/256/512-row blocks and runs, one row in several
@@ -244,9 +244,9 @@ def test_center_syrk_variances_are_unbiased(kernel, dtype, offset):
     assert float(rel.abs().max()) < 1e-7
 
 
-def test_bf16_set_binary_columns_past_the_centring_limit(bf16_set):
-    """0/1 columns with p = 0.4 sit 0.82 sd off zero: all centred, more than d / 4 extra columns,
-    so the fp32 set runs them; it centres them on their grid and stays exact (it gave 7.6e-7)."""
+def test_bf16_set_binary_columns_past_the_centering_limit(bf16_set):
+    """0/1 columns with p = 0.4 sit 0.82 sd off zero: all centered, more than d / 4 extra columns,
+    so the fp32 set runs them; it centers them on their grid and stays exact (it gave 7.6e-7)."""
     import refframe
 
     W = discrete_w("binary p=0.4", 20000, 64, 9).to(torch.bfloat16)
@@ -372,17 +372,17 @@ def bf16_set(monkeypatch):
     return with_set
 
 
-# d around the 48-column panels, with centred columns whose two extra columns start a new panel,
+# d around the 48-column panels, with centered columns whose two extra columns start a new panel,
 # share one with W's last columns, or are all there is of it.
 @pytest.mark.parametrize("shape", [(3000, 96), (3000, 100), (2001, 49), (1500, 300), (513, 24)])
-@pytest.mark.parametrize("centred", [1, 3])
-def test_bf16_set_centres_offset_columns_exactly(bf16_set, shape, centred):
-    """bf16 W with a few columns 50 sigma off zero: those are centred and split into parts (extra
+@pytest.mark.parametrize("centered", [1, 3])
+def test_bf16_set_centers_offset_columns_exactly(bf16_set, shape, centered):
+    """bf16 W with a few columns 50 sigma off zero: those are centered and split into parts (extra
     columns of the product), the rest multiplied as they are; both within 1e-7 of float64, the
     diagonal included, and the mean the other sets' bits."""
     n, d = shape
     W = make_w(n, d, torch.float64)
-    W[:, :centred] += 1.0 + torch.arange(centred, dtype=torch.float64)
+    W[:, :centered] += 1.0 + torch.arange(centered, dtype=torch.float64)
     W = W.to(torch.bfloat16)
     mu64, c64 = cov64(W)
     mean, cov = native_cov(W)
@@ -392,12 +392,12 @@ def test_bf16_set_centres_offset_columns_exactly(bf16_set, shape, centred):
     fallback = bf16_set("avx512", W)
     assert torch.equal(mean, fallback[0])
     assert not torch.equal(cov, fallback[1])  # the exact path ran, not the fallback
-    # The offset columns' own block, which an uncentred fp32 sum would get wrong by ~1e-4.
-    assert rel_fro(cov[:centred], c64[:centred]) < 1e-7
+    # The offset columns' own block, which an uncentered fp32 sum would get wrong by ~1e-4.
+    assert rel_fro(cov[:centered], c64[:centered]) < 1e-7
 
 
 def test_bf16_set_constant_columns_need_no_parts(bf16_set):
-    """Constant columns (padding, one-hot features) are centred exactly to zero and need no parts,
+    """Constant columns (padding, one-hot features) are centered exactly to zero and need no parts,
     so ten of them in 40 columns (more than d / 4) still take the exact path."""
     W = make_w(1500, 40, torch.float64)
     W[:, 5:15] = 0.375
@@ -414,13 +414,13 @@ def test_bf16_set_constant_columns_need_no_parts(bf16_set):
 @pytest.mark.parametrize("sigmas", [2.0, 4.0, 12.0, 30.0])
 def test_bf16_set_many_columns_near_zero_take_two_parts(bf16_set, sigmas):
     """A fifth of the columns 2-30 sd off zero (a matrix with a strong common direction): each is
-    centred on its mean rounded to bf16 and split into two exact parts (one extra column), so the
+    centered on its mean rounded to bf16 and split into two exact parts (one extra column), so the
     exact path still runs, within 1e-7 of float64, the diagonal included."""
     import refframe
 
     n, d = 4000, 120
     W = make_w(n, d, torch.float64, seed=int(sigmas))
-    W -= W.mean(0)  # only the moved columns are centred: 24 extra parts, within the limit of 30
+    W -= W.mean(0)  # only the moved columns are centered: 24 extra parts, within the limit of 30
     sign = torch.where(torch.arange(24) % 2 == 0, 1.0, -1.0).to(torch.float64)
     W[:, ::5] += sigmas * W[:, ::5].std(0) * sign
     W = W.to(torch.bfloat16)
@@ -435,8 +435,8 @@ def test_bf16_set_many_columns_near_zero_take_two_parts(bf16_set, sigmas):
 
 @pytest.mark.parametrize("sigmas", [100.0, 700.0])
 def test_bf16_set_columns_far_off_zero_stay_exact(bf16_set, sigmas):
-    """Columns hundreds of sd off zero hold values on bf16's coarse grid there; centred on the mean
-    rounded to bf16 they are small multiples of its spacing and their products sum exactly (centred
+    """Columns hundreds of sd off zero hold values on bf16's coarse grid there; centered on the mean
+    rounded to bf16 they are small multiples of its spacing and their products sum exactly (centered
     on the fp32 mean, every row kept the same fp32 remainder and the block's sums rounded with a
     bias: 1.7e-7 at 700 sd)."""
     import refframe
@@ -456,11 +456,11 @@ def test_bf16_set_columns_far_off_zero_stay_exact(bf16_set, sigmas):
     assert rel_fro(cov, c64) < 6e-8
 
 
-def test_bf16_set_centres_columns_three_quarters_of_an_sd_off_zero(bf16_set):
-    """An uncentred column's products with another have a mean of their own, so their fp32 run
+def test_bf16_set_centers_columns_three_quarters_of_an_sd_off_zero(bf16_set):
+    """An uncentered column's products with another have a mean of their own, so their fp32 run
     sums round more as the means grow (4x at 0.9 sd when every column is there, without drift
-    cancellation); columns more than 3 sd / 4 off zero are centred (one extra part each). Left
-    uncentred and without drift cancellation, this block's error was 4.4e-8."""
+    cancellation); columns more than 3 sd / 4 off zero are centered (one extra part each). Left
+    uncentered and without drift cancellation, this block's error was 4.4e-8."""
     import refframe
 
     n, d, k = 20000, 64, 16
@@ -492,8 +492,8 @@ def moderate_mean_w(n: int, d: int, seed: int, sigmas) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sigmas", [0.55, 0.7])
-def test_bf16_set_cancels_the_drift_of_uncentred_columns(bf16_set, sigmas):
-    """Every column sd / 2 to 3 sd / 4 off zero: none is centred (no extra columns, so no fallback
+def test_bf16_set_cancels_the_drift_of_uncentered_columns(bf16_set, sigmas):
+    """Every column sd / 2 to 3 sd / 4 off zero: none is centered (no extra columns, so no fallback
     to the fp32 set), and the run sums' drift, mb_i mb_j per row, is cancelled every 32 rows. Without
     the cancellation this W measured 3.5e-8 at 0.55 sd and 4.9e-8 at 0.7 sd; with it 2.5e-8 and
     2.4e-8."""
@@ -512,7 +512,7 @@ def test_bf16_set_cancels_the_drift_of_uncentred_columns(bf16_set, sigmas):
 
 # N around the 32-row groups of the cancelling step and the 256-row runs (none at N < 32), d
 # around the 48 x 8 tiles, and columns of every kind: near zero (no cancelling value), moderate
-# (cancelled), past 3 sd / 4 (centred, with a part), 40 sd off, constant.
+# (cancelled), past 3 sd / 4 (centered, with a part), 40 sd off, constant.
 @pytest.mark.parametrize("shape", [(31, 9), (33, 12), (257, 50), (1037, 61), (4001, 100), (20011, 57)])
 def test_bf16_set_mixed_column_kinds_awkward_shapes(bf16_set, shape):
     import refframe
@@ -830,19 +830,19 @@ if given is not None:
     @given(
         n=st.integers(1, 1500),
         d=st.integers(1, 130),
-        centred=st.integers(0, 130),
+        centered=st.integers(0, 130),
         sigmas=st.sampled_from([1.5, 5.0, 50.0]),
         log_scale=st.integers(-12, 12),
         constant=st.booleans(),
         dtype=st.sampled_from(DTYPES),
         seed=st.integers(0, 2**16),
     )
-    def test_center_syrk_random_plans(n, d, centred, sigmas, log_scale, constant, dtype, seed):
+    def test_center_syrk_random_plans(n, d, centered, sigmas, log_scale, constant, dtype, seed):
         """Whatever the mix of columns near and far from zero (so whichever plan the exact bf16 set
         makes, or its fallback), the magnitude, a constant column or the dtype: within the small-shape
         bound of float64, with the best set this CPU has."""
         W = make_w(n, d, torch.float64, seed=seed)
-        k = min(centred, d)
+        k = min(centered, d)
         W[:, :k] += sigmas * 0.04
         if constant:
             W[:, d // 2] = 0.75
@@ -857,7 +857,7 @@ if given is not None:
             assert float(cov.abs().max()) == 0.0
         else:
             # Sums of few rows, or few entries, do not average their roundings: up to ~50 u there.
-            # Many columns tens of sigma off zero need no allowance (centre.h): 300 random plans
+            # Many columns tens of sigma off zero need no allowance (center.h): 300 random plans
             # of this kind at n >= 1000 and d >= 16 stayed below 1.2e-7.
             large = n >= 1000 and d >= 16
             assert rel_fro(cov, c64) < (2e-7 if large else 3e-6)

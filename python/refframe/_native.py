@@ -74,7 +74,7 @@ def last_cpu_covariance() -> tuple[str, int] | None:
     """(kernel set, columns multiplied) of the last native CPU covariance in this process, or None
     before any (or without the native library). The set is the one that really ran: avx512bf16 hands
     fp16/fp32 W, non-finite W and W that would need more than d / 4 extra columns to avx512; the
-    columns are d, plus one per column that avx512bf16 centred and split into two parts."""
+    columns are d, plus one per column that avx512bf16 centered and split into two parts."""
     if _C is None:
         return None
     return _C.last_cpu_covariance()

@@ -1,6 +1,6 @@
 """The seed notebook's maths in pure torch: the reference and the fallback path.
 
-fp32 centring, covariance Wc^T Wc / N (population), unweighted centroid. Runs on any device torch
+fp32 centering, covariance Wc^T Wc / N (population), unweighted centroid. Runs on any device torch
 supports (CPU, CUDA, MPS).
 """
 

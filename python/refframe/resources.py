@@ -34,7 +34,7 @@ def estimate_peak_bytes(
 ) -> int:
     """Peak bytes a build allocates on `device`, beyond the memory-mapped W itself.
 
-    torch: an fp32 copy of W (unless W is fp32), the centred copy and the d x d covariance, then the
+    torch: an fp32 copy of W (unless W is fp32), the centered copy and the d x d covariance, then the
     centroid's gathered rows. native: W is read in place; packs of 512 rows and an fp64 accumulator
     for one triangle (~d*d/2 doubles) beside the fp32 covariance. Then the eigendecomposition: the
     covariance, its copy in eigh_dtype, eigenvectors, LAPACK workspace (~2 d*d) and three fp32 d x d

@@ -2,7 +2,7 @@
 
 W = mu + Z diag(s) B^T + sigma * G: a power-law spectrum in a random k-dimensional subspace over an
 isotropic floor, a global mean with two "rogue" dimensions far from zero, and a planted tight cluster
-of tokens around a common centre. With the defaults (151936 x 2560, k = 256) it reproduces the seed
+of tokens around a common center. With the defaults (151936 x 2560, k = 256) it reproduces the seed
 notebook's numbers: PC1 ~0.0105 (~0.9% of a total variance ~1.12), first 10 PCs ~2.6%, first 100 ~10%,
 cluster centroid norm ~0.37.
 """
@@ -56,7 +56,7 @@ def make_synthetic(
     mu = torch.randn(d, generator=gen) * 0.15 * rms
     mu[torch.randperm(d, generator=gen)[:2]] = torch.tensor([10.0, -8.0]) * rms
     offset = torch.randn(d, generator=gen)
-    centre = mu + offset * (0.2 * (spec.total_variance / 1.12) ** 0.5 / float(offset.norm()))
+    center = mu + offset * (0.2 * (spec.total_variance / 1.12) ** 0.5 / float(offset.norm()))
     ids = torch.randperm(n, generator=gen)[: spec.cluster_size].sort().values
 
     W = torch.empty(n, d, dtype=dtype)
@@ -66,5 +66,5 @@ def make_synthetic(
         block += torch.randn(m, d, generator=gen) * sigma
         W[i : i + m] = (block + mu).to(dtype)
     tight = torch.randn(spec.cluster_size, d, generator=gen) * (0.15 * rms)
-    W[ids] = (centre + tight).to(dtype)
+    W[ids] = (center + tight).to(dtype)
     return W, ids

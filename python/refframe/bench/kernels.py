@@ -1,7 +1,7 @@
 """Side-by-side timings: native kernels against the pure-torch path, in one process.
 
 Stages are timed in rounds whose order rotates (native, torch; torch, native; ...) so all backends
-see the same machine state; numpy's syrk on a ready centred copy joins the covariance rounds.
+see the same machine state; numpy's syrk on a ready centered copy joins the covariance rounds.
 Medians and the native speedup are reported, with the covariance's GFLOP/s (N*d*(d+1) flops for
 one triangle) next to this machine's measured fp32 GEMM rate. Peak
 memory is measured per backend in a fresh subprocess (ru_maxrss) that builds a whole frame from W
@@ -100,7 +100,7 @@ def _time_stages(
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, float]]]:
     """Times of each stage per backend, alternated, and the peers' rows (numpy, scikit-learn)."""
     stages: dict[str, dict[str, list[float]]] = {}
-    # numpy's syrk on a ready, centred fp32 copy joins the covariance rounds, so its ratio to the
+    # numpy's syrk on a ready, centered fp32 copy joins the covariance rounds, so its ratio to the
     # native kernel is measured under the same machine state (this machine's speed drifts).
     Xc, copy_seconds = _numpy_copy(W, log)
     arms: dict[str, Callable[[], object]] = {b: (lambda b=b: ops.covariance(W, backend=b)) for b in backends}
@@ -147,12 +147,12 @@ def _summarise(results: dict, flops: int) -> None:
 
 
 def _numpy_copy(W: torch.Tensor, log: Callable[[str], None]) -> tuple[object | None, float]:
-    """The centred fp32 copy numpy's syrk works on (None without numpy), and the time to make it."""
+    """The centered fp32 copy numpy's syrk works on (None without numpy), and the time to make it."""
     try:
         import numpy  # noqa: F401
     except ImportError:
         return None, 0.0
-    log("Making the centred fp32 copy for numpy's syrk ...")
+    log("Making the centered fp32 copy for numpy's syrk ...")
     t0 = time.perf_counter()
     Xc = (W.to(torch.float32) - W.to(torch.float32).mean(0)).numpy()
     return Xc, time.perf_counter() - t0
@@ -225,7 +225,7 @@ def format_table(r: dict) -> str:
     if "numpy_syrk" in peers:
         p = peers["numpy_syrk"]
         lines.append(
-            f"numpy Xc.T @ Xc (syrk) on a ready centred fp32 copy, in the covariance rounds: {p['median']:.3f} s "
+            f"numpy Xc.T @ Xc (syrk) on a ready centered fp32 copy, in the covariance rounds: {p['median']:.3f} s "
             f"({p['spread']:.2f}) (+{p['copy_seconds']:.2f} s to make the copy)"
         )
     if "sklearn_fit" in peers:
