@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what the lazy names below are, for type checkers and editor
     from .frame import Frame, VarianceReport, load_frame, save_frame
     from .inputs import load_checkpoint_w
     from .ops import covariance, gather_mean, segment_mean
+    from .projection import nearest, project, radii
     from .verify import VerifyResult, verify_frame
 
 # The rest of the API loads torch, so it is imported on first use: `import refframe` (and the
@@ -48,6 +49,9 @@ _LAZY = {
     "covariance": "ops",
     "gather_mean": "ops",
     "segment_mean": "ops",
+    "nearest": "projection",
+    "project": "projection",
+    "radii": "projection",
     "last_cpu_covariance": "_native",
     "native_available": "_native",
     "native_status": "_native",
@@ -107,3 +111,5 @@ __all__ += [
     "load_checkpoint_w",
     "save_frames",
 ]
+
+__all__ += ["nearest", "project", "radii"]

@@ -57,6 +57,12 @@ if _C is not None:
         return W.new_empty((d,), dtype=torch.float64), W.new_empty((d, d), dtype=torch.float32)
 
 
+def has_op(name: str) -> bool:
+    """Whether the loaded library defines the operator refframe::name (a library built before an op
+    existed runs that op on the torch path)."""
+    return _C is not None and hasattr(torch.ops.refframe, name)
+
+
 def native_available() -> bool:
     """True when the compiled kernels are loaded and match the running torch."""
     return _C is not None

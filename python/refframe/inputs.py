@@ -108,8 +108,11 @@ def load_w(path: str | os.PathLike[str], key: str | None = None) -> tuple[torch.
     return f.tensor(k), k
 
 
-def load_ids(path: str | os.PathLike[str], key: str | None = None) -> tuple[torch.Tensor, str]:
-    """Cluster token ids from a safetensors file, and the key they were read from."""
+def load_ids(
+    path: str | os.PathLike[str], key: str | None = None, option: str = "--cluster-key"
+) -> tuple[torch.Tensor, str]:
+    """Cluster token ids from a safetensors file, and the key they were read from (`option`: the
+    command-line option that names the key, for messages)."""
     f = SafetensorsFile(path)
     k = _pick_key(
         f,
@@ -117,7 +120,7 @@ def load_ids(path: str | os.PathLike[str], key: str | None = None) -> tuple[torc
         CLUSTER_KEY,
         "1-D integer tensor",
         lambda dt, sh: not dt.is_floating_point and dt != torch.bool and len(sh) == 1,
-        "--cluster-key",
+        option,
     )
     return f.tensor(k), k
 

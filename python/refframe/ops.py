@@ -1,4 +1,4 @@
-"""The three ops, covariance, gather_mean and segment_mean, and the choice of backend.
+"""The ops, covariance, gather_mean, segment_mean, project and radii, and the choice of backend.
 
 Each op validates its inputs once (checks.py), then runs the native kernel (refframe._C, see
 _native.py) where it exists for the tensor's device and passed its self-check there, else the
@@ -11,7 +11,7 @@ import torch
 
 from . import _native, reference
 from .checks import check_ids, check_offsets, check_w
-from .errors import BackendError
+from .errors import BackendError, InputError
 from .layout import BACKENDS
 
 # The dtypes the native kernels read; others (e.g. fp64) take the torch path.
@@ -69,3 +69,62 @@ def segment_mean(
             check_offsets(offsets, ids.numel())
         return torch.ops.refframe.segment_mean(W, ids, offsets.to(W.device))
     return reference.segment_mean(W, ids, offsets)
+
+
+def project(
+    W: torch.Tensor,
+    center: torch.Tensor,
+    basis: torch.Tensor,
+    ids: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """(W[ids] - center) @ basis as fp32 (n, k): rows of W (all when ids is None) in the coordinates
+    of the k columns of basis (d, k) around center (d,). The native path reads W in place, centers on
+    the fly and sums in fp64 (each coordinate within 1e-6 of the row's distance to center)."""
+    center, basis, ids = _frame_inputs(W, center, basis, ids, "project")
+    if _runs_native("project", W, backend):
+        return torch.ops.refframe.project(W, center, basis, ids)
+    return reference.project(W, center, basis, ids)
+
+
+def radii(
+    W: torch.Tensor, center: torch.Tensor, ids: torch.Tensor | None = None, *, backend: str = "auto"
+) -> torch.Tensor:
+    """||W[i] - center|| as fp32 (n,) for the rows of W (all when ids is None), summed in fp64."""
+    center, _, ids = _frame_inputs(W, center, None, ids, "radii")
+    if _runs_native("radii", W, backend):
+        return torch.ops.refframe.radii(W, center, ids)
+    return reference.radii(W, center, ids)
+
+
+def _runs_native(op: str, W: torch.Tensor, backend: str) -> bool:
+    """Whether `op` runs natively on W: the backend resolves to native, the library has the op, and
+    it reads W's dtype. backend="native" where it cannot is a BackendError."""
+    if resolve_backend(backend, W.device) != "native":
+        return False
+    if _native.has_op(op) and W.dtype in NATIVE_DTYPES:
+        return True
+    if backend == "native":
+        what = "has no native kernel" if not _native.has_op(op) else f"reads bfloat16, float16 or float32, not {W.dtype}"
+        raise BackendError(f"backend 'native' cannot run {op}: it {what}")
+    return False
+
+
+def _frame_inputs(
+    W: torch.Tensor, center: object, basis: object, ids: object, op: str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """center fp32 (d,) and basis fp32 (d, k) on W's device, and ids checked: one-line InputErrors."""
+    check_w(W, min_rows=0, op=op)
+    d = W.shape[1]
+    if not isinstance(center, torch.Tensor) or center.shape != (d,) or not center.dtype.is_floating_point:
+        got = tuple(center.shape) if isinstance(center, torch.Tensor) else type(center).__name__
+        raise InputError(f"{op}: center must be a floating-point tensor of shape ({d},) (W's columns), got {got}")
+    if basis is not None:
+        if not isinstance(basis, torch.Tensor) or basis.dim() != 2 or basis.shape[0] != d or basis.shape[1] < 1:
+            got = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
+            raise InputError(f"{op}: basis must be a tensor of shape ({d}, k) with k >= 1, got {got}")
+        basis = basis.to(W.device, torch.float32).contiguous()
+    if ids is not None:
+        ids = check_ids(ids, W.shape[0], f"{op}: ids", allow_empty=True).to(W.device)
+    return center.to(W.device, torch.float32).contiguous(), basis, ids

@@ -26,6 +26,8 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
         from .build import run
     elif name == "verify":
         from .verify import run
+    elif name == "project":
+        from .project import run
     elif name == "demo":
         from .demo import run
     else:

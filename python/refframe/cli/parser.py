@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"refframe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = [_add_build(sub), _add_verify(sub), _add_demo(sub), _add_bench(sub)]
+    commands = [_add_build(sub), _add_verify(sub), _add_project(sub), _add_demo(sub), _add_bench(sub)]
     for command in commands:  # also accepted after the command; SUPPRESS keeps a --debug given before it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     return parser
@@ -102,6 +102,28 @@ def _add_verify(sub) -> argparse.ArgumentParser:
     return v
 
 
+def _add_project(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("project", help="coordinates of tokens in a frame and their distances to its centroid")
+    p.add_argument("frame", help="the frame file")
+    p.add_argument("--W", dest="w", help="safetensors file holding W")
+    p.add_argument("--model-dir", help=f"folder in the seed's layout (its {W_FILENAME})")
+    p.add_argument("--checkpoint", help="Hugging Face checkpoint folder to take W from (as build --checkpoint)")
+    p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W, or the checkpoint's unembedding)")
+    p.add_argument("--k", type=int, help="number of axes (default: all d)")
+    p.add_argument("--ids", help="safetensors file of token ids to project (default: every token)")
+    p.add_argument("--ids-key", help="key of the ids in their file (default: cluster_token_ids, or its only 1-D integer tensor)")
+    p.add_argument("--out", required=True, help="output safetensors file: coords (n, k), radius (n,), ids (n,)")
+    p.add_argument(
+        "--allow-other-w",
+        action="store_true",
+        help="project a W other than the one the frame was built from (its w_hash differs) with a warning",
+    )
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
+    p.set_defaults(command_module="project")
+    return p
+
+
 def _add_demo(sub) -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="build and verify a frame of a synthetic W of Qwen3-4B's shape")
     dm.add_argument("--small", action="store_true", help="a small W (8192 x 256) that runs in seconds")
@@ -128,7 +150,7 @@ def _add_bench(sub) -> argparse.ArgumentParser:
 
 
 # Options that name files or folders: a leading ~ is expanded, as a shell would outside quotes.
-PATH_OPTIONS = ("model_dir", "w", "cluster", "checkpoint", "out", "out_dir", "cache_dir", "file", "dir")
+PATH_OPTIONS = ("model_dir", "w", "cluster", "checkpoint", "out", "out_dir", "cache_dir", "file", "dir", "frame", "ids")
 
 
 def expand_user_paths(args: argparse.Namespace) -> argparse.Namespace:
