@@ -28,7 +28,7 @@ from .. import _native, ops
 from ..build import build_frame
 from ..inputs import load_w
 from ..synthetic import SyntheticSpec, make_synthetic
-from ..tensorfile import save_tensors
+from . import projection
 from .common import (
     FULL,
     SMALL,
@@ -85,12 +85,14 @@ def run(spec: SyntheticSpec, reps: int, log: Callable[[str], None]) -> dict[str,
     }
     results["peers"] = peers
     _summarise(results, n * d * (d + 1))
+    frame = build_frame(W, ids, backend=backends[0], device="cpu")
+    results["projection"] = {"timings": projection.time_cases(W, frame, reps, log)}
     W = None  # free it before the subprocesses measure their own peak
-    log("Measuring peak RSS of a whole build per backend (fresh subprocesses) ...")
+    log("Measuring peak RSS of a whole build per backend, and of each view (fresh subprocesses) ...")
     with tempfile.TemporaryDirectory() as tmp:
-        w_path = Path(tmp) / "W.safetensors"
-        save_tensors(w_path, {"W": make_synthetic(spec)[0]})
+        w_path, frame_path = projection.save_inputs(make_synthetic(spec)[0], frame, Path(tmp))
         results["peak_rss"] = {b: peak_rss(w_path, b, spec.cluster_size) for b in backends}
+        results["projection"]["peak_rss"] = projection.peak_rss_cases(w_path, frame_path, d)
     results["covariance_seconds_torch"] = results["stages"]["covariance"]["torch"]["median"]
     return results
 
@@ -243,6 +245,8 @@ def format_table(r: dict) -> str:
     lines.append("peak RSS of a whole build from a memory-mapped W (own subprocess):")
     for b, v in r["peak_rss"].items():
         lines.append(f"  {b:<8}{v['peak_rss_bytes'] / 1e9:.2f} GB  ({v['seconds']:.2f} s)")
+    if "projection" in r:
+        lines += projection.format_rows(r["projection"])
     return "\n".join(lines)
 
 
