@@ -128,8 +128,9 @@ def _device_key(device: torch.device) -> str:
 def native_self_check(device: torch.device) -> str | None:
     """Run the native kernels once on `device` on a small awkward problem (20,011 x 300: partial
     tiles, row splits, columns 50 sigma off zero; bf16, fp16 and fp32; ids with repeats in three
-    segments) and compare with float64 torch on the same device. None when they agree (covariance
-    <= 1e-6 relative, means <= 1e-6), else why not; the answer is kept for the process. The GPU
+    segments; project and radii where the library has them) and compare with float64 torch on the
+    same device. None when they agree (covariance <= 1e-6 relative, means <= 1e-6, coordinates and
+    distances <= 1e-6 of the row's distance), else why not; the answer is kept for the process. The GPU
     paths use this before their first use, so a kernel that misbehaves on an untried GPU or driver
     falls back to the pure-torch path (with a warning) instead of writing wrong numbers."""
     key = _device_key(device)
@@ -137,38 +138,7 @@ def native_self_check(device: torch.device) -> str | None:
         return _SELF_CHECKS[key]
     reason: str | None = None
     try:
-        g = torch.Generator().manual_seed(20011)
-        n, d = 20011, 300
-        base = torch.randn(n, d, generator=g) * 0.02 + torch.randn(d, generator=g) * 0.01
-        base[:, :3] += 1.0
-        ids = torch.randint(0, n, (4000,), generator=g).to(device)
-        offsets = torch.tensor([0, 1, 300, 4000]).to(device)
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            X = base.to(dtype).to(device)
-            X64 = X.double()
-            mu = X64.mean(0)
-            Xc = X64 - mu
-            C = Xc.T @ Xc / n
-            mean64, cov = torch.ops.refframe.center_syrk(X)
-            cov64 = cov.double()
-            errors = {
-                "covariance": float((cov64 - C).norm() / C.norm()),
-                "column mean": float((mean64.double() - mu).abs().max() / mu.abs().max()),
-                "asymmetry": float((cov64 - cov64.T).abs().max() / C.abs().max()),
-                "gather_mean": float(
-                    (torch.ops.refframe.gather_mean(X, ids).double() - X64[ids].mean(0)).abs().max()
-                    / X64.abs().max()
-                ),
-            }
-            seg = torch.ops.refframe.segment_mean(X, ids, offsets).double()
-            bounds = offsets.tolist()
-            want = torch.stack([X64[ids[a:b]].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
-            errors["segment_mean"] = float((seg - want).abs().max() / X64.abs().max())
-            bad = {k: v for k, v in errors.items() if not v <= (0.0 if k == "asymmetry" else 1e-6)}
-            if bad:
-                name = str(dtype).removeprefix("torch.")
-                reason = f"{name}: " + ", ".join(f"{k} error {v:.1e}" for k, v in bad.items())
-                break
+        reason = _self_check_errors(device)
     except Exception as exc:  # a kernel that cannot launch here is a failed check too
         first = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {first[0] if first else ''}"
@@ -181,6 +151,51 @@ def native_self_check(device: torch.device) -> str | None:
             stacklevel=3,
         )
     return reason
+
+
+def _self_check_errors(device: torch.device) -> str | None:
+    """The self-check's problem on `device`: None, or the dtype and the ops whose error is too large
+    (project and radii: each coordinate / distance within 1e-6 of its row's distance to the center)."""
+    g = torch.Generator().manual_seed(20011)
+    n, d = 20011, 300
+    base = torch.randn(n, d, generator=g) * 0.02 + torch.randn(d, generator=g) * 0.01
+    base[:, :3] += 1.0
+    ids = torch.randint(0, n, (4000,), generator=g).to(device)
+    offsets = torch.tensor([0, 1, 300, 4000]).to(device)
+    basis = torch.linalg.qr(torch.randn(d, 70, generator=g, dtype=torch.float64))[0].float().to(device)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        X = base.to(dtype).to(device)
+        X64 = X.double()
+        mu = X64.mean(0)
+        Xc = X64 - mu
+        C = Xc.T @ Xc / n
+        mean64, cov = torch.ops.refframe.center_syrk(X)
+        cov64 = cov.double()
+        errors = {
+            "covariance": float((cov64 - C).norm() / C.norm()),
+            "column mean": float((mean64.double() - mu).abs().max() / mu.abs().max()),
+            "asymmetry": float((cov64 - cov64.T).abs().max() / C.abs().max()),
+            "gather_mean": float(
+                (torch.ops.refframe.gather_mean(X, ids).double() - X64[ids].mean(0)).abs().max() / X64.abs().max()
+            ),
+        }
+        seg = torch.ops.refframe.segment_mean(X, ids, offsets).double()
+        bounds = offsets.tolist()
+        want = torch.stack([X64[ids[a:b]].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+        errors["segment_mean"] = float((seg - want).abs().max() / X64.abs().max())
+        if has_op("project") and has_op("radii"):
+            center = X[ids[:300]].float().mean(0)
+            rows = X64 - center.double()
+            dist = rows.norm(dim=1)
+            coords = torch.ops.refframe.project(X, center, basis, None).double()
+            errors["project"] = float(((coords - rows @ basis.double()).abs() / dist[:, None]).max())
+            r = torch.ops.refframe.radii(X, center, ids).double()
+            errors["radii"] = float(((r - dist[ids]).abs() / dist[ids]).max())
+        bad = {k: v for k, v in errors.items() if not v <= (0.0 if k == "asymmetry" else 1e-6)}
+        if bad:
+            name = str(dtype).removeprefix("torch.")
+            return f"{name}: " + ", ".join(f"{k} error {v:.1e}" for k, v in bad.items())
+    return None
 
 
 def covariance_progress() -> tuple[int, int] | None:
