@@ -9,6 +9,7 @@ from .errors import (
     BackendError,
     CheckpointError,
     ClusterIdsError,
+    DependencyError,
     FileFormatError,
     InputError,
     KeyNotFoundError,
@@ -60,7 +61,13 @@ _LAZY = {
 }
 
 
+# Submodules reachable as attributes without an import of their own: refframe.plot.spectrum(frame).
+_LAZY_MODULES = ("plot",)
+
+
 def __getattr__(name: str) -> object:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'refframe' has no attribute {name!r}")
@@ -70,7 +77,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))
 
 
 __all__ = [
@@ -113,3 +120,5 @@ __all__ += [
 ]
 
 __all__ += ["nearest", "project", "radii"]
+
+__all__ += ["DependencyError"]

@@ -52,6 +52,10 @@ class VerificationError(RefframeError):
     """A frame file failed verification."""
 
 
+class DependencyError(RefframeError):
+    """An optional package a feature needs is not installed (matplotlib for refframe.plot)."""
+
+
 class RefframeWarning(UserWarning):
     """A suspicious input that refframe accepts (e.g. duplicate cluster ids); the CLI prints it as
     one line `refframe: warning: ...`."""

@@ -1,4 +1,4 @@
-"""The `refframe` command line: one module per command (build, verify, demo, bench), the parser,
+"""The `refframe` command line: one module per command (build, verify, project, plot, demo, bench), the parser,
 console output, and command.py (parse, run one command, one-line errors)."""
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ paths, W's file, key, shape and dtype, the ids, the backend and device; then eac
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from ..atomic import check_output_path
 from ..build import BuildResult, Options, build, frame_path, plan, save_frames
 from ..cache import PCACache, cache_disabled_by_env
 from ..checks import check_w
-from ..errors import InputError, OutputError
+from ..errors import InputError
 from ..frame import Frame
 from ..inputs import (
     CheckpointMatrix,
@@ -45,6 +44,7 @@ from ..inputs import (
 from ..layout import CLUSTER_FILENAME, EIGH_DTYPE_NAMES, W_FILENAME, W_KEY, __version__
 from ..progress import Progress
 from ..tensorfile import SafetensorsFile
+from .common import check_out_dir
 from .console import say
 
 EIGH_DTYPES = {name: getattr(torch, name) for name in EIGH_DTYPE_NAMES}
@@ -202,28 +202,12 @@ def _w_file_job(args: argparse.Namespace, clusters: list[Path], out: Path | None
     )
 
 
-def _check_out_dir(d: Path, create: bool) -> None:
-    if d.exists():
-        if not d.is_dir():
-            raise OutputError(f"{d}: output directory is not a directory")
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise OutputError(f"{d}: output directory is not writable")
-        return
-    if not create:
-        raise OutputError(f"{d}: output directory does not exist")
-    parent = d.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{d}: output directory cannot be created ({parent} is not a writable directory)")
-
-
 def prepare(job: Job, args: argparse.Namespace) -> None:
     """Open and check everything of one model; raises before any work starts."""
     if job.out is not None:
         check_output_path(job.out, inputs=job.inputs)
     elif job.out_dir is not None:
-        _check_out_dir(job.out_dir, job.create_out_dir)
+        check_out_dir(job.out_dir, job.create_out_dir)
     t0 = time.perf_counter()
     if job.checkpoint is not None:
         job.W, job.key = SafetensorsFile(job.w_path).tensor(job.checkpoint.key), job.checkpoint.key

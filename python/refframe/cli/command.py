@@ -1,7 +1,7 @@
 """The `refframe` command: parse, run one command, and turn every failure into one line.
 
 Exit status: 0, 1 for an error, 2 for a usage error, 128 + the signal number when interrupted.
-Each command lives in its own module (build, verify, demo, bench), imported only once the arguments
+Each command lives in its own module (build, verify, project, plot, demo, bench), imported only once the arguments
 are parsed: --help answers at once, and Ctrl-C while torch loads is reported like any other interrupt.
 """
 
@@ -28,6 +28,8 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
         from .verify import run
     elif name == "project":
         from .project import run
+    elif name == "plot":
+        from .plot import run
     elif name == "demo":
         from .demo import run
     else:

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"refframe {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = [_add_build(sub), _add_verify(sub), _add_project(sub), _add_demo(sub), _add_bench(sub)]
+    commands = [_add_build(sub), _add_verify(sub), _add_project(sub), _add_plot(sub), _add_demo(sub), _add_bench(sub)]
     for command in commands:  # also accepted after the command; SUPPRESS keeps a --debug given before it
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     return parser
@@ -121,6 +121,32 @@ def _add_project(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
     p.set_defaults(command_module="project")
+    return p
+
+
+def _add_plot(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plot", help="PNG figures of a frame: eigenvalue spectrum, distances to the centroid, principal planes"
+    )
+    p.add_argument("frame", help="the frame file")
+    p.add_argument("--W", dest="w", help="safetensors file holding W (without W only the spectrum is drawn)")
+    p.add_argument("--model-dir", help=f"folder in the seed's layout (its {W_FILENAME} and {CLUSTER_FILENAME})")
+    p.add_argument("--checkpoint", help="Hugging Face checkpoint folder to take W from (as build --checkpoint)")
+    p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W, or the checkpoint's unembedding)")
+    p.add_argument(
+        "--cluster", help=f"safetensors file of the cluster's token ids, marked on the figures (default with --model-dir DIR: DIR/{CLUSTER_FILENAME})"
+    )
+    p.add_argument("--cluster-key", help="key of the ids in their file (default: cluster_token_ids)")
+    p.add_argument(
+        "--out-dir", required=True, help="folder for spectrum.png, radial_profile.png and planes.png (created if missing)"
+    )
+    p.add_argument("--dpi", type=int, default=150, help="resolution of the PNG files (default 150)")
+    p.add_argument(
+        "--allow-other-w",
+        action="store_true",
+        help="plot a W other than the one the frame was built from (its w_hash differs) with a warning",
+    )
+    p.set_defaults(command_module="plot")
     return p
 
 
