@@ -195,3 +195,16 @@ def test_cli_project_never_replaces_an_input_or_reads_a_damaged_frame(built, tmp
     damaged.write_bytes(bytes(raw))
     rc, err = cli(capsys, "project", str(damaged), "--W", str(w), "--out", str(tmp_path / "c.safetensors"))
     assert_one_line_error(rc, err, "does not match the checksum")
+
+
+def test_cli_project_takes_a_checkpoint_matrix(built, tmp_path, capsys):
+    # a gpt2-style tied checkpoint whose embedding is the model folder's W
+    ckpt = tmp_path / "gpt2"
+    ckpt.mkdir()
+    save_file({"transformer.wte.weight": built["W"]}, ckpt / "model.safetensors")
+    out = tmp_path / "coords.safetensors"
+    args = ["project", str(built["frame"]), "--checkpoint", str(ckpt), "--k", "2", "--out", str(out)]
+    assert cli(capsys, *args, "--matrix", "embedding")[0] == 0
+    assert SafetensorsFile(out).metadata["w_source"].endswith(":transformer.wte.weight")
+    rc, err = cli(capsys, "project", str(built["frame"]), "--W", str(built["model"] / "W.safetensors"), "--matrix", "embedding", "--out", str(out))
+    assert_one_line_error(rc, err, "--matrix")

@@ -7,11 +7,13 @@ integer tensors (and no cluster_token_ids) gives one cluster per tensor, named b
 
 Checkpoints: W straight from a Hugging Face style safetensors checkpoint folder, memory-mapped. A
 checkpoint is either one `model.safetensors` or shards listed in `model.safetensors.index.json`,
-whose "weight_map" says which shard file holds which tensor. The unembedding matrix is
-`lm_head.weight`; a model with tied embeddings stores only `model.embed_tokens.weight`, which is then
-used (both are (vocab, hidden), the orientation of W). `key=` (CLI: --W-key) picks any other tensor.
-Only the header of the one shard that holds the tensor is parsed and only that tensor is mapped: the
-rest of the model is never read.
+whose "weight_map" says which shard file holds which tensor. W is the model's unembedding (e.g.
+`lm_head.weight`), or with `matrix="embedding"` its input embedding (e.g. `model.embed_tokens.weight`);
+a model with tied embeddings stores only the embedding, which then stands in for the unembedding
+(both are (vocab, hidden), the orientation of W). Which keys those are depends on the model family,
+read from config.json or recognised from the key names (families.py). `key=` (CLI: --W-key) picks
+any tensor. Only the header of the one shard that holds the tensor is parsed and only that tensor is
+mapped: the rest of the model is never read.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .checks import check_ids
-from .errors import CheckpointError, InputError, KeyNotFoundError
+from .errors import CheckpointError, InputError, KeyNotFoundError, RefframeWarning
+from .families import choose_key
 from .layout import CLUSTER_FILENAME, CLUSTER_KEY, DEFAULT_FILENAME, W_FILENAME, W_KEY
 from .tensorfile import SafetensorsFile, key_list, short_repr
 
@@ -172,8 +176,7 @@ def read_clusters(
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-LM_HEAD = "lm_head.weight"
-EMBED_TOKENS = "model.embed_tokens.weight"
+CONFIG_FILE = "config.json"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
@@ -184,9 +187,11 @@ class CheckpointMatrix:
     directory: Path
     path: Path  # the safetensors file holding the tensor
     key: str
-    tied: bool  # True when the input embedding stands in for a missing lm_head
+    tied: bool  # True when the input embedding stands in for a missing unembedding
     model_name: str
     sharded: bool
+    family: str = ""  # the family of families.FAMILIES whose keys were used; "" with an explicit key
+    reason: str = ""  # why this key, for the report, e.g. "gpt2 checkpoint (config.json model_type), ..."
 
 
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
@@ -204,33 +209,31 @@ def model_name_of(directory: Path) -> str:
     return d.name
 
 
-def _choose_key(keys: list[str], key: str | None, where: str) -> tuple[str, bool]:
-    """(key, tied): the explicit key, else lm_head.weight, else model.embed_tokens.weight, else a
-    unique key ending in one of them (e.g. a multimodal model's language_model.lm_head.weight)."""
-    have = set(keys)
-    if key is not None:
-        if key not in have:
-            raise KeyNotFoundError(
-                f"{where}: key {short_repr(key)} not found (keys present: {key_list(keys)})"
-            )
-        return key, False
-    for name, tied in ((LM_HEAD, False), (EMBED_TOKENS, True)):
-        if name in have:
-            return name, tied
-    for name, tied in ((LM_HEAD, False), ("embed_tokens.weight", True)):
-        ends = [k for k in keys if k.endswith("." + name) or k == name]
-        if len(ends) == 1:
-            return ends[0], tied
-        if len(ends) > 1:
-            raise KeyNotFoundError(
-                f"{where}: no {LM_HEAD} or {EMBED_TOKENS}, and several keys end in {name}: "
-                f"{key_list(ends)}; choose one with --W-key"
-            )
-    hints = [k for k in keys if any(s in k for s in ("lm_head", "embed", "wte", "output"))]
-    raise KeyNotFoundError(
-        f"{where}: neither {LM_HEAD} nor {EMBED_TOKENS} (tied embeddings) found; choose the matrix with "
-        f"--W-key (candidates: {key_list(hints or keys, limit=8)})"
+def _read_config(directory: Path) -> dict | None:
+    """config.json as a dict, or None when there is none; one that cannot be read is ignored, with a
+    warning (the family is then recognised from the key names)."""
+    p = directory / CONFIG_FILE
+    if not p.is_file():
+        return None
+    why = "not a JSON object"
+    try:
+        size = p.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            why = f"too large for a model config, {size} bytes"
+        else:
+            data = json.loads(p.read_bytes().decode("utf-8"))
+            if isinstance(data, dict):
+                return data
+    except OSError as exc:
+        why = f"cannot be read: {exc.strerror or exc}"
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        why = "not valid JSON"
+    warnings.warn(
+        f"{p}: {why}; it is ignored and the model family is recognised from the key names",
+        RefframeWarning,
+        stacklevel=3,
     )
+    return None
 
 
 def _read_index(directory: Path) -> dict[str, str]:
@@ -272,8 +275,11 @@ def _shard_path(directory: Path, shard: str, key: str) -> Path:
     return p
 
 
-def locate(directory: str | os.PathLike[str], key: str | None = None) -> CheckpointMatrix:
-    """Find the unembedding matrix (or `key`) in a checkpoint folder, reading only headers."""
+def locate(
+    directory: str | os.PathLike[str], key: str | None = None, matrix: str = "unembedding"
+) -> CheckpointMatrix:
+    """Find the unembedding matrix (or the embedding, or `key`) in a checkpoint folder, reading only
+    headers and config.json."""
     d = Path(directory).expanduser()
     if not d.exists():
         raise InputError(f"{d}: checkpoint folder does not exist")
@@ -282,20 +288,20 @@ def locate(directory: str | os.PathLike[str], key: str | None = None) -> Checkpo
     name = model_name_of(d)
     if (d / INDEX_FILE).exists():
         wm = _read_index(d)
-        k, tied = _choose_key(list(wm), key, str(d / INDEX_FILE))
-        path = _shard_path(d, wm[k], k)
+        c = choose_key(list(wm), _read_config(d) if key is None else None, key, matrix, str(d / INDEX_FILE))
+        path = _shard_path(d, wm[c.key], c.key)
         f = SafetensorsFile(path)
-        if k not in f.entries:
+        if c.key not in f.entries:
             raise KeyNotFoundError(
-                f"{path}: key {short_repr(k)} not found although {INDEX_FILE} puts it in this shard "
+                f"{path}: key {short_repr(c.key)} not found although {INDEX_FILE} puts it in this shard "
                 f"(keys present: {key_list(f.keys())})"
             )
-        return CheckpointMatrix(d, path, k, tied, name, True)
+        return CheckpointMatrix(d, path, c.key, c.tied, name, True, c.family, c.reason)
     if (d / SINGLE_FILE).exists():
         path = d / SINGLE_FILE
         f = SafetensorsFile(path)
-        k, tied = _choose_key(f.keys(), key, str(path))
-        return CheckpointMatrix(d, path, k, tied, name, False)
+        c = choose_key(f.keys(), _read_config(d) if key is None else None, key, matrix, str(path))
+        return CheckpointMatrix(d, path, c.key, c.tied, name, False, c.family, c.reason)
     others = sorted(p.name for p in d.glob("*.safetensors"))
     torch_bins = sorted(p.name for p in d.glob("*.bin"))
     if others:
@@ -317,9 +323,10 @@ def locate(directory: str | os.PathLike[str], key: str | None = None) -> Checkpo
 
 
 def load_checkpoint_w(
-    directory: str | os.PathLike[str], key: str | None = None
+    directory: str | os.PathLike[str], key: str | None = None, matrix: str = "unembedding"
 ) -> tuple[torch.Tensor, CheckpointMatrix]:
-    """The matrix as a memory-mapped tensor (nothing else of the model is read), and where it is."""
-    where = locate(directory, key)
+    """The matrix as a memory-mapped tensor (nothing else of the model is read), and where it is:
+    `key` if given, else the model's unembedding, or its embedding with matrix="embedding"."""
+    where = locate(directory, key, matrix)
     W = SafetensorsFile(where.path).tensor(where.key)
     return W, where

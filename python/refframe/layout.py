@@ -12,4 +12,5 @@ CLUSTER_KEY = "cluster_token_ids"
 DEFAULT_FILENAME = "1.6a_cluster_reference_frame.safetensors"
 BACKENDS = ("auto", "native", "torch")
 EIGH_DTYPE_NAMES = ("float32", "float64")
+MATRICES = ("unembedding", "embedding")  # which of a checkpoint's token matrices is W
 __version__ = "0.1.0"

@@ -46,6 +46,7 @@ from ..progress import Progress
 from ..tensorfile import SafetensorsFile
 from .common import check_out_dir
 from .console import say
+from .parser import MATRIX_NEEDS_CHECKPOINT
 
 EIGH_DTYPES = {name: getattr(torch, name) for name in EIGH_DTYPE_NAMES}
 
@@ -129,6 +130,8 @@ def _check_model_options(
     """The combinations of model and output options that cannot work, refused with their reason."""
     if args.w and ckpts:
         raise InputError("--W and --checkpoint both name W; give one of them")
+    if args.matrix and not ckpts:
+        raise InputError(MATRIX_NEEDS_CHECKPOINT)
     if args.w and len(model_dirs) > 1:
         raise InputError("--W replaces the W of one --model-dir; it cannot go with several")
     if n_models == 0:
@@ -164,7 +167,7 @@ def _model_dir_job(
 def _checkpoint_job(
     c: Path, args: argparse.Namespace, clusters: list[Path], out: Path | None, out_dir: Path | None, several: bool
 ) -> Job:
-    where = locate(c, args.w_key)
+    where = locate(c, args.w_key, args.matrix or "unembedding")
     if not clusters:
         raise InputError(f"{c}: a checkpoint holds no cluster ids; give --cluster FILE")
     if out is None and out_dir is None:
@@ -271,8 +274,8 @@ def _report_inputs(job: Job, W: torch.Tensor) -> None:
     n, d = W.shape
     dtype = str(W.dtype).removeprefix("torch.")
     src = f"{job.w_path}" + (f" ({job.key})" if job.checkpoint is not None or job.key != W_KEY else "")
-    if job.checkpoint is not None and job.checkpoint.tied:
-        src += ", tied embeddings: the checkpoint has no lm_head.weight"
+    if job.checkpoint is not None and job.checkpoint.reason:
+        src += f": {job.checkpoint.reason}"  # which family, and why this matrix
     say(f"Loaded W: {tuple(W.shape)} {dtype} from {src}")
     sizes = [int(v.numel()) for v in job.clusters.values()]
     if len(sizes) == 1:

@@ -14,6 +14,7 @@ from ..errors import InputError, OutputError, RefframeWarning
 from ..frame import Frame
 from ..inputs import load_checkpoint_w, load_w, seed_paths
 from ..tensorfile import hash_tensor
+from .parser import MATRIX_NEEDS_CHECKPOINT
 
 
 def w_given(args: argparse.Namespace) -> bool:
@@ -26,8 +27,11 @@ def load_w_arg(args: argparse.Namespace) -> tuple[torch.Tensor, Path, str]:
         raise InputError("no W: give --W FILE, --model-dir DIR or --checkpoint DIR")
     if args.checkpoint and (args.w or args.model_dir):
         raise InputError("give W once: --checkpoint DIR, --model-dir DIR or --W FILE")
+    matrix = getattr(args, "matrix", None)
+    if matrix and not args.checkpoint:
+        raise InputError(MATRIX_NEEDS_CHECKPOINT)
     if args.checkpoint:
-        W, where = load_checkpoint_w(args.checkpoint, args.w_key)
+        W, where = load_checkpoint_w(args.checkpoint, args.w_key, matrix or "unembedding")
         return W, where.path, f"{where.path}:{where.key}"
     paths = seed_paths(args.model_dir, args.w)
     W, key = load_w(paths.w, args.w_key)

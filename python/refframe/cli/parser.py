@@ -7,9 +7,17 @@ import argparse
 import os
 import sys
 
-from ..layout import BACKENDS, CLUSTER_FILENAME, EIGH_DTYPE_NAMES, W_FILENAME, __version__
+from ..layout import BACKENDS, CLUSTER_FILENAME, EIGH_DTYPE_NAMES, MATRICES, W_FILENAME, __version__
 
 BACKEND_HELP = "auto (native kernels where they run, else pure torch), native, or torch (the notebook's maths)"
+MATRIX_HELP = (
+    "which of a checkpoint's token matrices is W: unembedding (default; a model with tied embeddings "
+    "stores only the embedding, which is then used) or embedding; --W-key overrides it"
+)
+MATRIX_NEEDS_CHECKPOINT = (
+    "--matrix chooses between a checkpoint's unembedding and embedding: it needs --checkpoint DIR "
+    "(the tensor of a W file is chosen with --W-key)"
+)
 
 
 def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -19,7 +27,7 @@ def _add_source_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     )
     p.add_argument("--W", dest="w", help="safetensors file holding W (overrides --model-dir)")
     p.add_argument("--cluster", **many, help="safetensors file holding the cluster token ids")
-    p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W)")
+    p.add_argument("--W-key", dest="w_key", help="key of W in its file or checkpoint (default: W)")
     p.add_argument("--cluster-key", help="key of the ids in their file (default: cluster_token_ids)")
 
 
@@ -51,8 +59,10 @@ def _add_build(sub) -> argparse.ArgumentParser:
         "--checkpoint",
         action="extend",
         nargs="+",
-        help="Hugging Face safetensors checkpoint folder(s): W is lm_head.weight, else model.embed_tokens.weight (tied), or --W-key",
+        help="Hugging Face safetensors checkpoint folder(s): W is the model's unembedding (lm_head.weight, "
+        "embed_out.weight, ...; the embedding when tied), found from config.json or the key names; see --matrix, --W-key",
     )
+    b.add_argument("--matrix", choices=MATRICES, help=MATRIX_HELP)
     b.add_argument("--out", help="output file (default: DIR/1.6a_cluster_reference_frame.safetensors)")
     b.add_argument(
         "--out-dir",
@@ -96,8 +106,9 @@ def _add_verify(sub) -> argparse.ArgumentParser:
     v.add_argument("file", nargs="+", help="the frame file(s) to check")
     _add_source_args(v)
     v.add_argument(
-        "--checkpoint", help="Hugging Face checkpoint folder to take W from (as build --checkpoint; --W-key to choose)"
+        "--checkpoint", help="Hugging Face checkpoint folder to take W from (as build --checkpoint; --matrix or --W-key to choose)"
     )
+    v.add_argument("--matrix", choices=MATRICES, help=MATRIX_HELP)
     v.set_defaults(command_module="verify")
     return v
 
@@ -109,6 +120,7 @@ def _add_project(sub) -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help=f"folder in the seed's layout (its {W_FILENAME})")
     p.add_argument("--checkpoint", help="Hugging Face checkpoint folder to take W from (as build --checkpoint)")
     p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W, or the checkpoint's unembedding)")
+    p.add_argument("--matrix", choices=MATRICES, help=MATRIX_HELP)
     p.add_argument("--k", type=int, help="number of axes (default: all d)")
     p.add_argument("--ids", help="safetensors file of token ids to project (default: every token)")
     p.add_argument("--ids-key", help="key of the ids in their file (default: cluster_token_ids, or its only 1-D integer tensor)")
@@ -133,6 +145,7 @@ def _add_plot(sub) -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help=f"folder in the seed's layout (its {W_FILENAME} and {CLUSTER_FILENAME})")
     p.add_argument("--checkpoint", help="Hugging Face checkpoint folder to take W from (as build --checkpoint)")
     p.add_argument("--W-key", dest="w_key", help="key of W in its file (default: W, or the checkpoint's unembedding)")
+    p.add_argument("--matrix", choices=MATRICES, help=MATRIX_HELP)
     p.add_argument(
         "--cluster", help=f"safetensors file of the cluster's token ids, marked on the figures (default with --model-dir DIR: DIR/{CLUSTER_FILENAME})"
     )

@@ -10,12 +10,15 @@ from ..inputs import load_checkpoint_w, load_ids, load_w, seed_paths
 from ..tensorfile import hash_tensor
 from ..verify import verify_frame
 from .console import say
+from .parser import MATRIX_NEEDS_CHECKPOINT
 
 
 def run(args: argparse.Namespace) -> int:
     files = [Path(f) for f in args.file]
     if args.checkpoint and (args.model_dir or args.w):
         raise InputError("give W once: --checkpoint DIR, --model-dir DIR or --W FILE")
+    if args.matrix and not args.checkpoint:
+        raise InputError(MATRIX_NEEDS_CHECKPOINT)
     if args.cluster and not (args.model_dir or args.w or args.checkpoint):
         raise InputError(
             "checking the centroid against --cluster needs W too: give --W FILE, --model-dir DIR or --checkpoint DIR"
@@ -29,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     w_name, ids_name, against = "W", "cluster ids", ""
     ids_path: Path | None = None
     if args.checkpoint:
-        W, where = load_checkpoint_w(args.checkpoint, args.w_key)
-        w_name, against = f"{where.path}:{where.key}", f"{where.path} ({where.key})"
+        W, where = load_checkpoint_w(args.checkpoint, args.w_key, args.matrix or "unembedding")
+        w_name, against = f"{where.path}:{where.key}", f"{where.path} ({where.key}): {where.reason}"
         ids_path = Path(args.cluster) if args.cluster else None
     elif args.model_dir or args.w:
         paths = seed_paths(args.model_dir, args.w, args.cluster, out=files[0])
