@@ -14,6 +14,11 @@ warm-up). The covariance error of each backend is taken against a float64 covari
 GPU by row chunks. Both covariance kernels are timed (REFFRAME_CUDA_KERNEL=simt and =mma, the
 tensor-core kernel). Pure torch = refframe.reference: W.to(fp32), centering, Wc.T @ Wc (in full fp32
 unless torch.set_float32_matmul_precision was lowered; the JSON records it).
+
+Then coordinates in a frame: project (k = 3, 64, 2,560 columns of a random orthonormal basis, every
+row of W, centered on the cluster's centroid) and radii, native against the torch expressions
+`(W.float() - c) @ V[:, :k]` and `(W.float() - c).norm(dim=1)`. Their error is the largest
+|x - float64| over rows and coordinates, relative to ||W[i] - c|| (float64 on the GPU by row chunks).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ CLUSTER_SIZE = 2212
 CHUNK_ROWS = 16384
 # The covariance kernels REFFRAME_CUDA_KERNEL chooses between (csrc/cuda/center_syrk.cu).
 CUDA_KERNELS = ("simt", "mma")
+# Basis columns of the projections timed (those up to d).
+PROJECT_KS = (3, 64, 2560)
 SANITIZE_TIMEOUT_S = 240
 # Small cases for compute-sanitizer: awkward edges, strided input, several row splits.
 SANITIZE_SNIPPET = """
@@ -55,7 +62,15 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         W = (torch.randn(n, d, generator=g) * 0.02 + 0.5).to(dtype).cuda()
         torch.ops.refframe.center_syrk(W)
         torch.ops.refframe.center_syrk(W[:, 1:])
-        torch.ops.refframe.gather_mean(W, torch.arange(0, n, 2, device="cuda"))
+        ids = torch.arange(0, n, 2, device="cuda")
+        torch.ops.refframe.gather_mean(W, ids)
+        c = W[:7].float().mean(0)
+        for k in (3, 17, 64, d):
+            V = torch.randn(d, k, generator=g).cuda()
+            torch.ops.refframe.project(W, c, V, ids)
+            torch.ops.refframe.project(W[:, 1:], c[1:], V[1:], None)
+        torch.ops.refframe.radii(W, c, ids)
+        torch.ops.refframe.radii(W[:, 1:], c[1:], None)
 torch.cuda.synchronize()
 print("sanitize-case-ok")
 """
@@ -119,7 +134,8 @@ def with_cuda_kernel(kernel: str, fn):
 
 
 def run_sanitizer() -> dict:
-    """compute-sanitizer memcheck and racecheck over small cases of both covariance kernels."""
+    """compute-sanitizer memcheck and racecheck over small cases of both covariance kernels, the
+    means, project and radii."""
     exe = shutil.which("compute-sanitizer") or next(
         (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None
     )
@@ -206,7 +222,8 @@ def run_tests() -> dict:
     }
 
 
-def bench_shape(n: int, d: int, repeats: int, tmpdir: Path) -> list[dict]:
+def bench_shape(n: int, d: int, repeats: int, tmpdir: Path) -> tuple[list[dict], list[dict]]:
+    """(covariance and centroid rows per backend, project / radii rows) for one shape."""
     cuda = torch.device("cuda")
     print(f"\n== {n} x {d} bf16", flush=True)
     W = synthetic_w(n, d, cuda)
@@ -266,25 +283,109 @@ def bench_shape(n: int, d: int, repeats: int, tmpdir: Path) -> list[dict]:
     for row in rows:
         row["cov_rel_err"] = rel_fro(covs[row["backend"]], C64)
         row["cov_speedup"] = torch_ms / row["cov_ms"]
+    del covs, C64
+    projections = bench_projection(Wd, centroid64.to(torch.float32), repeats)
     path.unlink()
+    return rows, projections
+
+
+def timed_peak(fn, repeats: int) -> tuple[torch.Tensor, float, float]:
+    """(result, median milliseconds, peak GiB allocated above what was there before) of fn()."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out, ms = cuda_timed(fn, repeats)
+    return out, statistics.median(ms), (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def project_error64(W: torch.Tensor, center: torch.Tensor, basis: torch.Tensor, P: torch.Tensor) -> float:
+    """max over rows and coordinates of |P - (W - c) @ V| / ||W[i] - c||, float64 by row chunks."""
+    c64, V64 = center.to(torch.float64), basis.to(torch.float64)
+    worst = 0.0
+    for r in range(0, W.shape[0], CHUNK_ROWS):
+        Xc = W[r : r + CHUNK_ROWS].to(torch.float64) - c64
+        err = (P[r : r + CHUNK_ROWS].to(torch.float64) - Xc @ V64).abs().amax(dim=1)
+        worst = max(worst, float((err / Xc.norm(dim=1).clamp_min(1e-300)).max()))
+    return worst
+
+
+def radii_error64(W: torch.Tensor, center: torch.Tensor, R: torch.Tensor) -> float:
+    """max over rows of |R - ||W[i] - c||| / ||W[i] - c||, float64 by row chunks."""
+    c64 = center.to(torch.float64)
+    worst = 0.0
+    for r in range(0, W.shape[0], CHUNK_ROWS):
+        ref = (W[r : r + CHUNK_ROWS].to(torch.float64) - c64).norm(dim=1)
+        err = (R[r : r + CHUNK_ROWS].to(torch.float64) - ref).abs()
+        worst = max(worst, float((err / ref.clamp_min(1e-300)).max()))
+    return worst
+
+
+def bench_projection(W: torch.Tensor, center: torch.Tensor, repeats: int) -> list[dict]:
+    """project (k of PROJECT_KS up to d) and radii of every row of W, native against torch."""
+    n, d = W.shape
+    ks = [k for k in PROJECT_KS if k <= d]
+    g = torch.Generator(device=W.device).manual_seed(2)
+    Q = torch.randn(d, max(ks), generator=g, device=W.device, dtype=torch.float64)
+    Q = torch.linalg.qr(Q)[0].to(torch.float32)
+    cases = {}
+    for k in ks:
+        V = Q[:, :k]
+        cases[f"project k={k}"] = (
+            partial(torch.ops.refframe.project, W, center, V, None),
+            lambda V=V: (W.float() - center) @ V,
+            partial(project_error64, W, center, V),
+        )
+    cases["radii"] = (
+        partial(torch.ops.refframe.radii, W, center, None),
+        lambda: (W.float() - center).norm(dim=1),
+        partial(radii_error64, W, center),
+    )
+    rows = []
+    for op, (native_fn, torch_fn, error_fn) in cases.items():
+        row = {"shape": f"{n}x{d}", "op": op}
+        for name, fn in (("native", native_fn), ("torch", torch_fn)):
+            out, row[f"{name}_ms"], row[f"{name}_peak_gib"] = timed_peak(fn, repeats)
+            row[f"{name}_err"] = error_fn(out)
+            del out
+            torch.cuda.empty_cache()
+        row["speedup"] = row["torch_ms"] / row["native_ms"]
+        print(
+            f"{op}: native {row['native_ms']:.2f} ms, torch {row['torch_ms']:.2f} ms, "
+            f"error {row['native_err']:.1e} / {row['torch_err']:.1e}",
+            flush=True,
+        )
+        rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = [
-        ("shape", "shape", "{}"),
-        ("backend", "backend", "{}"),
-        ("load s", "load_s", "{:.2f}"),
-        ("h2d ms", "h2d_ms", "{:.1f}"),
-        ("cov ms", "cov_ms", "{:.2f}"),
-        ("TFLOP/s", "cov_tflops", "{:.1f}"),
-        ("speedup", "cov_speedup", "{:.2f}x"),
-        ("cov rel err", "cov_rel_err", "{:.2e}"),
-        ("cov peak GiB", "cov_peak_gib", "{:.2f}"),
-        ("eigh ms", "eigh_ms", "{:.1f}"),
-        ("centroid ms", "centroid_ms", "{:.3f}"),
-        ("centroid err", "centroid_rel_err", "{:.1e}"),
-    ]
+COV_COLUMNS = [
+    ("shape", "shape", "{}"),
+    ("backend", "backend", "{}"),
+    ("load s", "load_s", "{:.2f}"),
+    ("h2d ms", "h2d_ms", "{:.1f}"),
+    ("cov ms", "cov_ms", "{:.2f}"),
+    ("TFLOP/s", "cov_tflops", "{:.1f}"),
+    ("speedup", "cov_speedup", "{:.2f}x"),
+    ("cov rel err", "cov_rel_err", "{:.2e}"),
+    ("cov peak GiB", "cov_peak_gib", "{:.2f}"),
+    ("eigh ms", "eigh_ms", "{:.1f}"),
+    ("centroid ms", "centroid_ms", "{:.3f}"),
+    ("centroid err", "centroid_rel_err", "{:.1e}"),
+]
+PROJECTION_COLUMNS = [
+    ("shape", "shape", "{}"),
+    ("op", "op", "{}"),
+    ("native ms", "native_ms", "{:.2f}"),
+    ("torch ms", "torch_ms", "{:.2f}"),
+    ("speedup", "speedup", "{:.2f}x"),
+    ("native err", "native_err", "{:.1e}"),
+    ("torch err", "torch_err", "{:.1e}"),
+    ("native peak GiB", "native_peak_gib", "{:.2f}"),
+    ("torch peak GiB", "torch_peak_gib", "{:.2f}"),
+]
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
     cells = [[fmt.format(r[key]) for _, key, fmt in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
     print("| " + " | ".join(h.ljust(w) for (h, _, _), w in zip(cols, widths)) + " |")
@@ -349,13 +450,19 @@ def main(argv: list[str] | None = None) -> int:
     tests = None if args.no_tests else run_tests()
     sanitizer = run_sanitizer() if args.sanitize else None
     rows: list[dict] = []
+    projections: list[dict] = []
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         for shape in args.shapes.split(","):
-            rows += bench_shape(*parse_shape(shape), args.repeats, Path(tmp))
+            shape_rows, shape_projections = bench_shape(*parse_shape(shape), args.repeats, Path(tmp))
+            rows += shape_rows
+            projections += shape_projections
             torch.cuda.empty_cache()
 
     print()
-    print_table(rows)
+    print_table(rows, COV_COLUMNS)
+    if projections:
+        print()
+        print_table(projections, PROJECTION_COLUMNS)
     for row in rows:
         if row["backend"].startswith("native"):
             print(
@@ -365,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     if rows and not rows[0]["load_cold"]:
         print("(load times may come from the page cache: the OS could not be asked to evict the file)")
     if args.json:
-        text = json.dumps({"metadata": meta, "tests": tests, "sanitizer": sanitizer, "results": rows}, indent=2)
+        results = {"results": rows, "projections": projections}
+        text = json.dumps({"metadata": meta, "tests": tests, "sanitizer": sanitizer, **results}, indent=2)
         if args.json == "-":
             print(text)
         else:

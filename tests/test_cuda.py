@@ -223,18 +223,271 @@ def test_cuda_ops_reject_ids_on_another_device():
         torch.ops.refframe.gather_mean(W, torch.tensor([1, 2]))
 
 
+# ---------------------------------------------------------------------------------------------
+# project / radii: coordinates in a frame and distances from its center
+#
+# The contract: every coordinate within 1e-6 ||W[i] - c|| of float64 ((W64[i] - c64) @ V64 with the
+# same fp32 center and basis), also for rows far from the center and columns 40 sd off zero. The
+# kernel's own error is far below it (fp32 FMA chains of 64 terms flushed into fp64). A radius
+# differs from float64 by the fp32 rounding of each centered value (at most 2^-24 of the radius) and
+# of the result: 2e-7 of the radius bounds both.
+PROJECT_BOUND = 1e-6
+RADII_BOUND = 2e-7
+
+# Around the 32-column step and the 4 / 16 / 64 / 128-column tiles; one row, one column, d < k's tile.
+PROJECT_SHAPES = [(1, 1), (1, 7), (7, 1), (7, 129), (129, 300), (300, 7), (2049, 129), (300, 2560), (1, 2560)]
+PROJECT_CASES = [(n, d, k) for n, d in PROJECT_SHAPES for k in sorted({1, 3, 64, d}) if k <= d]
+
+
+def project(W, center, basis, ids=None) -> torch.Tensor:
+    return torch.ops.refframe.project(W, center, basis, ids)
+
+
+def radii(W, center, ids=None) -> torch.Tensor:
+    return torch.ops.refframe.radii(W, center, ids)
+
+
+def frame_w(n: int, d: int, dtype: torch.dtype, *, seed: int = 0) -> torch.Tensor:
+    """make_w with three columns 40 sd off zero, and every 10th row 30 times as far from the mean."""
+    X = make_w(n, d, torch.float64, seed=seed, offset_sigmas=40.0)
+    mu = X.mean(dim=0)
+    X[::10] = mu + 30.0 * (X[::10] - mu)
+    return X.to(dtype)
+
+
+def centroid(W: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """fp32 mean of a third of the rows of W (CPU): a cluster's center, as a frame stores it."""
+    ids = torch.randperm(W.shape[0], generator=torch.Generator().manual_seed(seed))[: max(1, W.shape[0] // 3)]
+    return W.to(torch.float64)[ids].mean(dim=0).to(torch.float32)
+
+
+CENTERS = {
+    "centroid": centroid,
+    # The 40-sd columns then dominate every row's length.
+    "zero": lambda W: torch.zeros(W.shape[1], dtype=torch.float32),
+}
+
+
+def orthonormal_basis(d: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0].to(torch.float32)
+
+
+def centered64(W: torch.Tensor, center: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    X = W.cpu().to(torch.float64)
+    if ids is not None:
+        X = X[ids.cpu().long()]
+    return X - center.cpu().to(torch.float64)
+
+
+def check_projection(P, W, center, basis, ids=None) -> None:
+    """P has the shape, dtype and device of the result and is within the contract of float64."""
+    Xc = centered64(W, center, ids)
+    ref = Xc @ basis.cpu().to(torch.float64)
+    assert P.dtype == torch.float32 and P.device == W.device and P.shape == ref.shape
+    err = (P.cpu().to(torch.float64) - ref).abs().amax(dim=1)
+    scale = Xc.norm(dim=1)
+    worst = float((err / scale.clamp_min(1e-300)).max())
+    assert bool((err <= PROJECT_BOUND * scale).all()), f"error {worst:.2e} ||W[i] - c||"
+
+
+def check_radii(R, W, center, ids=None) -> None:
+    ref = centered64(W, center, ids).norm(dim=1)
+    assert R.dtype == torch.float32 and R.device == W.device and R.shape == ref.shape
+    err = (R.cpu().to(torch.float64) - ref).abs()
+    assert bool((err <= RADII_BOUND * ref).all()), float((err / ref.clamp_min(1e-300)).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d, k", PROJECT_CASES)
+@pytest.mark.parametrize("center_kind", list(CENTERS))
+def test_project_cuda_matches_float64(dtype, n, d, k, center_kind):
+    W = frame_w(n, d, dtype).to(CUDA)
+    center, basis = CENTERS[center_kind](W.cpu()), orthonormal_basis(d, k)
+    P = project(W, center.to(CUDA), basis.to(CUDA))
+    check_projection(P, W, center, basis)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, d", PROJECT_SHAPES)
+@pytest.mark.parametrize("center_kind", list(CENTERS))
+def test_radii_cuda_matches_float64(dtype, n, d, center_kind):
+    W = frame_w(n, d, dtype).to(CUDA)
+    center = CENTERS[center_kind](W.cpu())
+    check_radii(radii(W, center.to(CUDA)), W, center)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [3, 64, 2560])
+def test_project_cuda_at_model_width(dtype, k):
+    # Qwen3-4B's width, rogue columns, rows 30x out, a center that is not the mean of all rows.
+    W = frame_w(3000, 2560, dtype, seed=1)
+    center, basis = centroid(W, seed=1), orthonormal_basis(2560, k, seed=1)
+    Wd, cd = W.to(CUDA), center.to(CUDA)
+    check_projection(project(Wd, cd, basis.to(CUDA)), Wd, center, basis)
+    check_radii(radii(Wd, cd), Wd, center)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_project_cuda_strided(dtype, view):
+    W = VIEWS[view](frame_w(700, 400, dtype).to(CUDA))
+    center, basis = centroid(W.cpu()), orthonormal_basis(W.shape[1], min(70, W.shape[1]))
+    cd, Vd = center.to(CUDA), basis.to(CUDA)
+    P, R = project(W, cd, Vd), radii(W, cd)
+    check_projection(P, W, center, basis)
+    check_radii(R, W, center)
+    # Strided and contiguous loads feed the same sums: the same bits.
+    assert torch.equal(P, project(W.contiguous(), cd, Vd))
+    assert torch.equal(R, radii(W.contiguous(), cd))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("id_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("count", [1, 5, 3000])
+def test_project_cuda_ids_with_repeats(dtype, id_dtype, count):
+    W = frame_w(250, 130, dtype).to(CUDA)
+    center, basis = centroid(W.cpu()), orthonormal_basis(130, 20)
+    cd, Vd = center.to(CUDA), basis.to(CUDA)
+    ids = torch.randint(0, 250, (count,), generator=torch.Generator().manual_seed(count)).to(id_dtype)
+    P, R = project(W, cd, Vd, ids.to(CUDA)), radii(W, cd, ids.to(CUDA))
+    check_projection(P, W, center, basis, ids)
+    check_radii(R, W, center, ids)
+    # A row is summed alike wherever it comes from: the rows of ids are those of the whole W.
+    rows = ids.long().to(CUDA)
+    assert torch.equal(P, project(W, cd, Vd)[rows])
+    assert torch.equal(R, radii(W, cd)[rows])
+
+
+def test_project_cuda_empty_ids():
+    W = frame_w(50, 10, torch.bfloat16).to(CUDA)
+    center, basis = centroid(W.cpu()).to(CUDA), orthonormal_basis(10, 3).to(CUDA)
+    none = torch.empty(0, dtype=torch.int64, device=CUDA)
+    assert project(W, center, basis, none).shape == (0, 3)
+    assert radii(W, center, none).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_cuda_coordinates_do_not_depend_on_k(dtype):
+    # Every tile shape (k <= 4, 16, 64, more) sums each coordinate in the same order, so a
+    # coordinate keeps its bits when basis columns are added; repeated calls give the same bits.
+    W = frame_w(1000, 300, dtype).to(CUDA)
+    center, basis = centroid(W.cpu()).to(CUDA), orthonormal_basis(300, 200).to(CUDA)
+    full = project(W, center, basis)
+    for k in (1, 3, 4, 5, 16, 17, 64, 65, 128, 129):
+        assert torch.equal(project(W, center, basis[:, :k]), full[:, :k]), k
+    assert torch.equal(project(W, center, basis), full)
+    assert torch.equal(radii(W, center), radii(W, center))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [3, 64, 300])
+def test_project_cuda_agrees_with_cpu(dtype, k):
+    W = frame_w(2000, 300, dtype)
+    center, basis = centroid(W), orthonormal_basis(300, k)
+    ids = torch.randint(0, 2000, (2500,), generator=torch.Generator().manual_seed(k))
+    cpu_p, cpu_r = project(W, center, basis, ids), radii(W, center, ids)
+    gpu_p = project(W.to(CUDA), center.to(CUDA), basis.to(CUDA), ids.to(CUDA)).cpu()
+    gpu_r = radii(W.to(CUDA), center.to(CUDA), ids.to(CUDA)).cpu()
+    scale = centered64(W, center, ids).norm(dim=1)
+    assert bool(((gpu_p - cpu_p).abs().amax(dim=1).to(torch.float64) <= 2 * PROJECT_BOUND * scale).all())
+    assert bool(((gpu_r - cpu_r).abs().to(torch.float64) <= 2 * RADII_BOUND * scale).all())
+
+
+def project_args() -> dict:
+    W = frame_w(50, 8, torch.float32).to(CUDA)
+    return {
+        "W": W,
+        "center": centroid(W.cpu()).to(CUDA),
+        "basis": orthonormal_basis(8, 3).to(CUDA),
+        "ids": torch.tensor([0, 7, 49], device=CUDA),
+    }
+
+
+@pytest.mark.parametrize("bad", [[0, 50], [-1, 3], [2**40]])
+def test_project_cuda_ids_out_of_range_is_an_error_not_a_device_assert(bad):
+    a = project_args()
+    ids = torch.tensor(bad, device=CUDA)
+    with pytest.raises(RuntimeError, match=r"ids must lie in \[0, N\) = \[0, 50\)"):
+        project(a["W"], a["center"], a["basis"], ids)
+    with pytest.raises(RuntimeError, match=r"ids must lie in \[0, N\) = \[0, 50\)"):
+        radii(a["W"], a["center"], ids)
+    # Checked on the host before any launch: the CUDA context is still usable.
+    P = project(a["W"], a["center"], a["basis"], a["ids"])
+    torch.cuda.synchronize()
+    check_projection(P, a["W"], a["center"], a["basis"], a["ids"])
+
+
+@pytest.mark.parametrize("which", ["center", "basis", "ids"])
+def test_project_cuda_rejects_tensors_on_another_device(which):
+    a = project_args()
+    a[which] = a[which].cpu()
+    with pytest.raises(RuntimeError, match=f"{which} must be on W's device"):
+        project(a["W"], a["center"], a["basis"], a["ids"])
+    if which != "basis":
+        with pytest.raises(RuntimeError, match=f"{which} must be on W's device"):
+            radii(a["W"], a["center"], a["ids"])
+
+
+def test_project_cuda_rejects_w_on_the_cpu_with_a_cuda_center():
+    a = project_args()
+    with pytest.raises(RuntimeError, match="device"):
+        project(a["W"].cpu(), a["center"], a["basis"].cpu(), None)
+    with pytest.raises(RuntimeError, match="device"):
+        radii(a["W"].cpu(), a["center"], None)
+
+
+# (argument, replacement, message): each a malformed input of project on CUDA.
+PROJECT_BAD_INPUTS = [
+    ("W", lambda a: a["W"].double(), "W must be bfloat16, float16 or float32, got Double"),
+    ("W", lambda a: a["W"][0], r"W must be 2-D \(N, d\), got shape \[8\]"),
+    ("center", lambda a: a["center"].double(), "center must be float32, got Double"),
+    ("center", lambda a: a["center"][:7], r"center must have shape \(d,\) = \(8,\) .*got \[7\]"),
+    ("basis", lambda a: a["basis"].half(), "basis must be float32, got Half"),
+    ("basis", lambda a: a["basis"][:7], r"basis must have shape \(d, k\) with d = 8 .*got \[7, 3\]"),
+    ("basis", lambda a: a["basis"][:, :0], r"k >= 1 .*got \[8, 0\]"),
+    ("ids", lambda a: a["ids"].view(3, 1), r"ids must be 1-D, got shape \[3, 1\]"),
+    ("ids", lambda a: a["ids"].float(), "ids must have an integer dtype, got Float"),
+]
+
+
+@pytest.mark.parametrize("arg, replace, message", PROJECT_BAD_INPUTS)
+def test_project_cuda_rejects_malformed_inputs(arg, replace, message):
+    a = project_args()
+    a[arg] = replace(a)
+    with pytest.raises(RuntimeError, match=f"project \\(CUDA\\): {message}"):
+        project(a["W"], a["center"], a["basis"], a["ids"])
+
+
 def opcheck_cases():
     W = make_w(300, 130, torch.bfloat16, offset_sigmas=50.0).to(CUDA)
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(2)).to(CUDA)
     offsets = torch.tensor([0, 10, 40], device=CUDA)
+    center = centroid(W.cpu()).to(CUDA)
+    basis = orthonormal_basis(130, 5).to(CUDA)
     return {
         "center_syrk": (torch.ops.refframe.center_syrk.default, (W,)),
         "gather_mean": (torch.ops.refframe.gather_mean.default, (W, ids)),
         "segment_mean": (torch.ops.refframe.segment_mean.default, (W, ids, offsets)),
+        "project": (torch.ops.refframe.project.default, (W, center, basis, ids)),
+        "project without ids": (torch.ops.refframe.project.default, (W, center, basis, None)),
+        "radii": (torch.ops.refframe.radii.default, (W, center, ids)),
+        "radii without ids": (torch.ops.refframe.radii.default, (W, center, None)),
     }
 
 
-@pytest.mark.parametrize("op", ["center_syrk", "gather_mean", "segment_mean"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "center_syrk",
+        "gather_mean",
+        "segment_mean",
+        "project",
+        "project without ids",
+        "radii",
+        "radii without ids",
+    ],
+)
 def test_opcheck_cuda(op):
     fn, args = opcheck_cases()[op]
     torch.library.opcheck(fn, args)
