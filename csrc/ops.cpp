@@ -10,4 +10,9 @@ TORCH_LIBRARY(refframe, m) {
   m.def("segment_mean(Tensor W, Tensor ids, Tensor offsets) -> Tensor");
   // Exact fp64 column mean (d,) and population covariance Wc^T Wc / N as fp32 (d, d).
   m.def("center_syrk(Tensor W) -> (Tensor, Tensor)");
+  // Coordinates of the rows W[ids] (all rows when ids is None) in a frame: (W[ids] - center) @ basis
+  // as fp32 (n, k), for center fp32 (d,) and basis fp32 (d, k), without materialising W[ids].
+  m.def("project(Tensor W, Tensor center, Tensor basis, Tensor? ids) -> Tensor");
+  // Distances of the rows W[ids] (all rows when ids is None) from center: fp32 (n,).
+  m.def("radii(Tensor W, Tensor center, Tensor? ids) -> Tensor");
 }

@@ -71,6 +71,26 @@ def test_covariance_of_a_real_embedding_with_a_padded_vocabulary(real_w, kernel,
 
 
 @needs_matrix
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_project_and_radii_of_a_real_embedding(real_w, kernel, dtype):
+    """Coordinates on the real matrix's own principal axes (rows lie largely along the leading
+    ones), centered on a cluster's centroid: every coordinate within 1e-6 of its row's distance
+    from the centroid against float64, every radius within 2e-7 relative."""
+    W = real_w.to(dtype)
+    _, c64 = cov64(W)
+    V = torch.linalg.eigh(c64)[1].flip(1).float()
+    center = W[3::61].double().mean(0).float()
+    X = W.double() - center.double()
+    radius = X.norm(dim=1)
+    for k in (3, 64, 256):
+        got = torch.ops.refframe.project(W, center, V[:, :k], None)
+        err = (got.double() - X @ V[:, :k].double()).abs().amax(dim=1) / radius
+        assert float(err.max()) < 1e-6, k
+    radii = torch.ops.refframe.radii(W, center, None)
+    assert float(((radii.double() - radius).abs() / radius).max()) < 2e-7
+
+
+@needs_matrix
 def test_frame_of_a_real_embedding_verifies(real_w, tmp_path):
     import refframe
 

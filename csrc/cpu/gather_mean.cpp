@@ -11,25 +11,10 @@
 
 #include <vector>
 
+#include "row_ids.h"
+
 namespace refframe::cpu {
 namespace {
-
-at::Tensor checked_ids(const at::Tensor& ids, int64_t n, const char* op) {
-  TORCH_CHECK(ids.dim() == 1, op, ": ids must be 1-D, got shape ", ids.sizes());
-  TORCH_CHECK(at::isIntegralType(ids.scalar_type(), /*includeBool=*/false), op,
-              ": ids must have an integer dtype, got ", ids.scalar_type());
-  at::Tensor ids64 = ids.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* p = ids64.const_data_ptr<int64_t>();
-  int64_t bad = 0, first = -1;
-  for (int64_t i = 0; i < ids64.numel(); ++i) {
-    if (p[i] < 0 || p[i] >= n) {
-      if (bad++ == 0) first = i;
-    }
-  }
-  TORCH_CHECK(bad == 0, op, ": ", bad, " id(s) outside [0, ", n, "); first: ids[", first, "] = ",
-              bad ? p[first] : 0);
-  return ids64;
-}
 
 template <typename T>
 void segment_mean_impl(const T* w, int64_t s0, int64_t s1, int64_t d, const int64_t* ids,

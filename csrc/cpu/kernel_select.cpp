@@ -1,5 +1,6 @@
 // Run-time choice of the CPU kernel set of center_syrk (active_kernels(), syrk_kernel.h): the CPU's
-// instruction sets, checked with cpuid, and the REFFRAME_CPU_KERNEL override. This file is compiled
+// instruction sets, checked with cpuid, and the REFFRAME_CPU_KERNEL override; project / radii take
+// the set of the same instruction set (active_project_kernels(), project_kernel.h). This file is compiled
 // without ISA flags; the sets it hands out live in their own translation units, each built with
 // the flags of its instruction set, and are called only after the checks here.
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 #endif
 
+#include "project_kernel.h"
 #include "syrk_kernel.h"
 
 namespace refframe::cpu {
@@ -70,6 +72,15 @@ const KernelSet& active_kernels() {
   if (has_avx2) return avx2_kernels();
 #endif
   return portable_kernels();
+}
+
+const ProjectKernels& active_project_kernels() {
+#ifdef REFFRAME_HAVE_AVX2_TU
+  const char* name = active_kernels().name;
+  if (std::strcmp(name, "avx2") == 0) return avx2_project();
+  if (std::strcmp(name, "portable") != 0) return avx512_project();
+#endif
+  return portable_project();
 }
 
 }  // namespace refframe::cpu

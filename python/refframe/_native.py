@@ -56,6 +56,18 @@ if _C is not None:
         d = W.shape[1]
         return W.new_empty((d,), dtype=torch.float64), W.new_empty((d, d), dtype=torch.float32)
 
+    @torch.library.register_fake("refframe::project")
+    def _project_fake(
+        W: torch.Tensor, center: torch.Tensor, basis: torch.Tensor, ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        n = W.shape[0] if ids is None else ids.shape[0]
+        return W.new_empty((n, basis.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("refframe::radii")
+    def _radii_fake(W: torch.Tensor, center: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        n = W.shape[0] if ids is None else ids.shape[0]
+        return W.new_empty((n,), dtype=torch.float32)
+
 
 def has_op(name: str) -> bool:
     """Whether the loaded library defines the operator refframe::name (a library built before an op
