@@ -94,19 +94,29 @@ def errors(W: torch.Tensor, center: torch.Tensor, V: torch.Tensor, k: int | None
     return {arm: float(((g.double() - want).abs().amax(dim=1) / radius).max()) for arm, g in got.items()}
 
 
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(path: str, case: str, arm: str) -> None:
     W, _ = load_w(path)
     center, V = frame(W)
     fn = arms(W, center, V, dict(CASES)[case])[arm]
     del V
-    fn()
-    print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
+    before = rss_bytes()
+    out = fn()
+    print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "before_bytes": before, "out_bytes": out.nbytes}))
 
 
-def peak_rss(path: Path, case: str, arm: str) -> int:
+def peak_rss(path: Path, case: str, arm: str) -> dict[str, int]:
+    """Peak RSS of one run of the arm in a fresh process, its RSS just before the run (interpreter,
+    torch, the basis) and the bytes of the result."""
     cmd = [sys.executable, __file__, "--child", str(path), case, arm]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict[str, object]:
@@ -180,8 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         del W
         rss = {case: {arm: peak_rss(path, case, arm) for arm in ("native", "torch")} for case, _ in CASES}
     results["peak_rss_bytes"] = rss
+    w_bytes = args.n * args.d * 2
     for case, per in rss.items():
-        print(f"{case:14s} peak RSS native {per['native'] / 1e9:6.2f} GB  torch {per['torch'] / 1e9:6.2f} GB")
+        extra = {
+            arm: (r["peak_rss_bytes"] - r["before_bytes"] - w_bytes - r["out_bytes"]) / 1e9
+            for arm, r in per.items()
+        }
+        print(
+            f"{case:13s} peak RSS native {per['native']['peak_rss_bytes'] / 1e9:5.2f} GB  torch "
+            f"{per['torch']['peak_rss_bytes'] / 1e9:5.2f} GB  (above the process before it, W and the output: "
+            f"{extra['native']:5.2f} / {extra['torch']:5.2f} GB)"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

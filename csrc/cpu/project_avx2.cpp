@@ -180,6 +180,7 @@ double sum_squares_avx2(const T* src, int64_t d, const float* c) {
 
 }  // namespace
 
+// dot up to k = 8: faster than the tiles there (measured with this set on Zen 4).
 const ProjectKernels& avx2_project() {
   static const ProjectKernels set{"avx2",
                                   ROWS,

@@ -72,8 +72,8 @@ void tile_run(const float* t, int64_t ld, const float* v, int64_t len, double* a
 }
 
 // Panel by panel; within a panel, chunks of d in l order (every fp64 sum receives its chunks in that
-// order), each panel chunk (16 KB) read from L1 by all the block's tiles while the panel's fp64 sums
-// stay in L1 / L2.
+// order), each panel chunk (16 KB) read from L1 by all the block's tiles; the block's t (192 rows:
+// 2 MB at d = 2,560) and the panel's fp64 sums (96 KB) stream from L2 / L3.
 void tile_avx512(const float* t, int64_t ld, int64_t n, const float* vp, int64_t k, double* acc, float* out) {
   const int64_t panels = (k + PANEL - 1) / PANEL, ldc = panels * PANEL, tiles = (n + MR - 1) / MR;
   for (int64_t p = 0; p < panels; ++p) {
@@ -183,6 +183,9 @@ double sum_squares_avx512(const T* src, int64_t d, const float* c) {
 
 }  // namespace
 
+// dot up to k = 40: faster than the tiles there on Zen 4 (at k = 48 and 64 the two are level; a tile
+// of fewer than 4 vectors leaves FMAs idle). 192-row blocks: at k = d = 2,560 the basis (26 MB)
+// is read from L3 once per block, 8 % faster than with 48 rows.
 const ProjectKernels& avx512_project() {
   static const ProjectKernels set{"avx512",
                                   ROWS,
