@@ -140,3 +140,18 @@ def expect_build_error(capsys, m, *fragments, w=None, ids=None, out=None, extra=
     assert snapshot(m["dir"]) == before
     assert temp_files(m["dir"]) == []
     return err
+
+
+def built_model(tmp_path: Path, n: int, d: int, step: int) -> dict:
+    """A model folder in the seed layout (bf16 W with columns 5 sd off zero, every step-th token in
+    the cluster) and its frame built by `refframe build`: {W, ids, model, frame}."""
+    from safetensors.torch import save_file
+
+    W = make_w(n, d, torch.bfloat16, offset_sigmas=5.0)
+    ids = torch.arange(0, n, step)
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"W": W}, model / "W.safetensors")
+    save_file({"cluster_token_ids": ids}, model / "1.4h_cluster_tokens.safetensors")
+    assert main(["build", "--model-dir", str(model), "--no-cache"]) == 0
+    return {"W": W, "ids": ids, "model": model, "frame": model / "1.6a_cluster_reference_frame.safetensors"}

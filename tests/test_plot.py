@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import refframe
-from helpers import assert_one_line_error, cli, make_w
+from helpers import assert_one_line_error, built_model, cli, make_w
 from refframe import DependencyError, InputError
 from refframe.cli import main
 
@@ -228,14 +228,7 @@ def test_missing_matplotlib_is_one_clear_error(toy, monkeypatch):
 
 @pytest.fixture
 def built(tmp_path):
-    W = make_w(2000, 16, torch.bfloat16, offset_sigmas=5.0)
-    ids = torch.arange(0, 2000, 9)
-    model = tmp_path / "model"
-    model.mkdir()
-    save_file({"W": W}, model / "W.safetensors")
-    save_file({"cluster_token_ids": ids}, model / "1.4h_cluster_tokens.safetensors")
-    assert main(["build", "--model-dir", str(model), "--no-cache"]) == 0
-    return {"W": W, "ids": ids, "model": model, "frame": model / "1.6a_cluster_reference_frame.safetensors"}
+    return built_model(tmp_path, 2000, 16, 9)
 
 
 def read_png(path) -> np.ndarray:

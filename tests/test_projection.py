@@ -8,9 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import refframe
-from helpers import DTYPES, assert_one_line_error, cli, make_w
+from helpers import DTYPES, assert_one_line_error, built_model, cli, make_w
 from refframe import InputError
-from refframe.cli import main
 from refframe.tensorfile import SafetensorsFile
 
 BACKENDS = ["torch", "auto"]
@@ -116,14 +115,7 @@ def test_ops_level_inputs_are_checked():
 
 @pytest.fixture
 def built(tmp_path):
-    W = make_w(600, 24, torch.bfloat16, offset_sigmas=5.0)
-    ids = torch.arange(0, 600, 11)
-    model = tmp_path / "model"
-    model.mkdir()
-    save_file({"W": W}, model / "W.safetensors")
-    save_file({"cluster_token_ids": ids}, model / "1.4h_cluster_tokens.safetensors")
-    assert main(["build", "--model-dir", str(model), "--no-cache"]) == 0
-    return {"W": W, "ids": ids, "model": model, "frame": model / "1.6a_cluster_reference_frame.safetensors"}
+    return built_model(tmp_path, 600, 24, 11)
 
 
 def test_cli_project_round_trip(built, tmp_path, capsys):
