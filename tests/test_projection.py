@@ -200,3 +200,23 @@ def test_cli_project_takes_a_checkpoint_matrix(built, tmp_path, capsys):
     assert SafetensorsFile(out).metadata["w_source"].endswith(":transformer.wte.weight")
     rc, err = cli(capsys, "project", str(built["frame"]), "--W", str(built["model"] / "W.safetensors"), "--matrix", "embedding", "--out", str(out))
     assert_one_line_error(rc, err, "--matrix")
+
+
+def test_auto_leaves_project_to_torch_on_the_portable_set(monkeypatch):
+    # Without AVX2 the native project kernel is plain C++ loops, slower than the platform's BLAS:
+    # "auto" takes the torch path there, and backend="native" still runs the portable kernel.
+    from refframe import _native, ops, reference
+
+    if not _native.has_op("project"):
+        pytest.skip("the native library has no project op")
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "portable")
+    assert _native.cpu_kernel() == "portable"
+    W = make_w(300, 40, torch.bfloat16)
+    c = torch.zeros(40)
+    V = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))[0].float()[:, :5].contiguous()
+    assert torch.equal(ops.project(W, c, V), reference.project(W, c, V))
+    assert torch.equal(ops.project(W, c, V, backend="native"), torch.ops.refframe.project(W, c, V, None))
+    assert ops._runs_native("radii", W, "auto")  # radii reads W once either way: native stays
+    monkeypatch.setenv("REFFRAME_CPU_KERNEL", "avx2")
+    if _native.cpu_kernel() == "avx2":
+        assert ops._runs_native("project", W, "auto")

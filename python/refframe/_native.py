@@ -75,6 +75,12 @@ def has_op(name: str) -> bool:
     return _C is not None and hasattr(torch.ops.refframe, name)
 
 
+def cpu_kernel() -> str:
+    """The CPU kernel set the native kernels run now ("" without the library): REFFRAME_CPU_KERNEL
+    is read at every call."""
+    return _C.cpu_kernel() if _C is not None else ""
+
+
 def native_available() -> bool:
     """True when the compiled kernels are loaded and match the running torch."""
     return _C is not None

@@ -100,8 +100,12 @@ def radii(
 
 def _runs_native(op: str, W: torch.Tensor, backend: str) -> bool:
     """Whether `op` runs natively on W: the backend resolves to native, the library has the op, and
-    it reads W's dtype. backend="native" where it cannot is a BackendError."""
+    it reads W's dtype. backend="native" where it cannot is a BackendError. "auto" leaves project to
+    the torch path on a CPU with only the portable kernel set (no AVX2: ARM, old x86), where plain
+    C++ loops are slower than the platform's BLAS; backend="native" still runs them."""
     if resolve_backend(backend, W.device) != "native":
+        return False
+    if backend == "auto" and op == "project" and W.device.type == "cpu" and _native.cpu_kernel() == "portable":
         return False
     if _native.has_op(op) and W.dtype in NATIVE_DTYPES:
         return True
