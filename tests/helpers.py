@@ -155,3 +155,18 @@ def built_model(tmp_path: Path, n: int, d: int, step: int) -> dict:
     save_file({"cluster_token_ids": ids}, model / "1.4h_cluster_tokens.safetensors")
     assert main(["build", "--model-dir", str(model), "--no-cache"]) == 0
     return {"W": W, "ids": ids, "model": model, "frame": model / "1.6a_cluster_reference_frame.safetensors"}
+
+
+def spy_opened_files(monkeypatch) -> list[str]:
+    """The names of the safetensors files refframe opens from now on (SafetensorsFile is spied on)."""
+    import refframe.tensorfile as tensorfile
+
+    opened: list[str] = []
+    real = tensorfile.SafetensorsFile.__init__
+
+    def spy(self, path):
+        opened.append(Path(path).name)
+        real(self, path)
+
+    monkeypatch.setattr(tensorfile.SafetensorsFile, "__init__", spy)
+    return opened

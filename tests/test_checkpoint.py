@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import refframe
 import refframe.inputs as ck
-import refframe.tensorfile as rio
-from helpers import make_w
+from helpers import make_w, spy_opened_files
 from refframe import CheckpointError, InputError, KeyNotFoundError
 from refframe.cli import main
 from refframe.inputs import load_checkpoint_w, locate
@@ -81,14 +80,7 @@ def test_prefixed_keys_of_multimodal_models(tmp_path):
 
 def test_sharded_reads_only_the_shard_holding_the_matrix(tmp_path, monkeypatch):
     d = sharded(tmp_path, [{"model.embed_tokens.weight": embed(), **layers()}, {"lm_head.weight": lm_head()}])
-    opened = []
-    real = rio.SafetensorsFile.__init__
-
-    def spy(self, path):
-        opened.append(Path(path).name)
-        real(self, path)
-
-    monkeypatch.setattr(rio.SafetensorsFile, "__init__", spy)
+    opened = spy_opened_files(monkeypatch)
     W, where = load_checkpoint_w(d)
     assert where.sharded and where.path.name == "model-00002-of-00002.safetensors"
     assert set(opened) == {"model-00002-of-00002.safetensors"}

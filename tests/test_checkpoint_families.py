@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import refframe
-from helpers import assert_one_line_error, cli, make_w
+from helpers import assert_one_line_error, cli, make_w, spy_opened_files
 from refframe import InputError, KeyNotFoundError, RefframeWarning
 from refframe.families import FAMILIES
 from refframe.inputs import load_checkpoint_w, locate
@@ -151,19 +151,10 @@ def test_every_family_has_a_case():
 
 
 def test_sharded_family_reads_only_the_shard_holding_the_matrix(tmp_path, monkeypatch):
-    import refframe.tensorfile as rio
-
     d = checkpoint(
         tmp_path, "embed_out.weight", "gpt_neox.embed_in.weight", None, ("gpt_neox.final_layer_norm.weight",), shards=3
     )
-    opened = []
-    real = rio.SafetensorsFile.__init__
-
-    def spy(self, path):
-        opened.append(Path(path).name)
-        real(self, path)
-
-    monkeypatch.setattr(rio.SafetensorsFile, "__init__", spy)
+    opened = spy_opened_files(monkeypatch)
     index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     for matrix, key in (("unembedding", "embed_out.weight"), ("embedding", "gpt_neox.embed_in.weight")):
         opened.clear()

@@ -18,6 +18,7 @@ from .. import _native
 from ..frame import Frame, load_frame, save_frame
 from ..inputs import load_w
 from ..projection import project, radii
+from ..tensorfile import save_tensors
 from .common import median_spread, peak_rss_bytes, time_alternating
 
 ARMS = ("native", "torch", "expression")
@@ -78,8 +79,6 @@ def child_main(w_path: str, frame_path: str, k: int, arm: str) -> None:
 
 
 def save_inputs(W: torch.Tensor, frame: Frame, folder: Path) -> tuple[Path, Path]:
-    from ..tensorfile import save_tensors
-
     w_path, frame_path = folder / "W.safetensors", folder / "frame.safetensors"
     save_tensors(w_path, {"W": W})
     save_frame(frame, frame_path)
