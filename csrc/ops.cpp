@@ -10,6 +10,15 @@ TORCH_LIBRARY(refframe, m) {
   m.def("segment_mean(Tensor W, Tensor ids, Tensor offsets) -> Tensor");
   // Exact fp64 column mean (d,) and population covariance Wc^T Wc / N as fp32 (d, d).
   m.def("center_syrk(Tensor W) -> (Tensor, Tensor)");
+  // center_syrk's steps for W's rows split between processes (W: rows [row_offset, row_offset + n)
+  // of a whole of total_rows rows; csrc/cpu/center_syrk.cpp): a share's pass 1 statistics, fp64
+  // (4, d), reduced by sum, sum, max, min; its runs of identical rows, int64 (r, 3); the fp64 packed
+  // upper triangle of its products around the plan of the reduced statistics, reduced by sum; and
+  // from the reduced statistics and triangle, the exact fp64 mean (d,) and fp32 covariance (d, d).
+  m.def("center_stats(Tensor W, int row_offset, int total_rows, bool exact) -> Tensor");
+  m.def("center_row_runs(Tensor W) -> Tensor");
+  m.def("center_syrk_partial(Tensor W, Tensor stats, Tensor runs, int row_offset, int total_rows, bool exact) -> Tensor");
+  m.def("center_syrk_finish(Tensor sums, Tensor stats, int total_rows, ScalarType dtype, bool exact) -> (Tensor, Tensor)");
   // Coordinates of the rows W[ids] (all rows when ids is None) in a frame: (W[ids] - center) @ basis
   // as fp32 (n, k), for center fp32 (d,) and basis fp32 (d, k), without materialising W[ids].
   m.def("project(Tensor W, Tensor center, Tensor basis, Tensor? ids) -> Tensor");

@@ -199,18 +199,27 @@ void column_means(const ColumnStats& s, double* mean) {
   for (int64_t j = 0; j < s.columns(); ++j) mean[j] = s.sum[j] / static_cast<double>(s.rows);
 }
 
-// The finest power-of-two grid of each column's values in an even sample of up to 4,096 rows (0
-// where the sample is all zero), for center_of (center.h): columns of 0/1 indicators or small
-// integers are centered on that grid. A sample is enough: the center only steers rounding. (For
-// rows split between processes, the finest of their grids.)
+// Where a call's rows sit in the whole W (rows split between processes): the index of its first
+// row and the whole's row count. A single process has {0, n}.
+struct Placement {
+  int64_t offset, total;
+};
+
+// The exponent of the finest power-of-two grid of each column's values in an even sample of the
+// whole W's rows (every max(1, total / 4096)-th row, counted from the whole's row 0), or INT_MAX
+// where the sample is all zero: for center_of (center.h), columns of 0/1 indicators or small
+// integers are centered on that grid. A sample is enough: the center only steers rounding. Rows
+// split between processes each sample their own rows of the whole's sample; the smallest exponent
+// over them is the whole's.
 template <typename T>
-std::vector<double> sample_grid(const Rows<T>& rows) {
+std::vector<int> sample_lsb(const Rows<T>& rows, Placement at) {
   const int64_t n = rows.n, d = rows.d;
-  const int64_t step = std::max<int64_t>(1, n / 4096);
+  const int64_t step = std::max<int64_t>(1, at.total / 4096);
+  const int64_t first = (step - at.offset % step) % step;
   std::vector<int> lsb(d, std::numeric_limits<int>::max());
   at::parallel_for(0, (d + 63) / 64, 1, [&](int64_t b, int64_t e) {
     const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
-    for (int64_t r = 0; r < n; r += step) {
+    for (int64_t r = first; r < n; r += step) {
       const T* row = rows.row(r);
       for (int64_t j = j0; j < j1; ++j) {
         uint32_t u;
@@ -225,8 +234,13 @@ std::vector<double> sample_grid(const Rows<T>& rows) {
       }
     }
   });
-  std::vector<double> grid(d, 0.0);
-  for (int64_t j = 0; j < d; ++j)
+  return lsb;
+}
+
+// The grid itself (0 for an all-zero sample).
+std::vector<double> grid_of(const std::vector<int>& lsb) {
+  std::vector<double> grid(lsb.size(), 0.0);
+  for (size_t j = 0; j < lsb.size(); ++j)
     if (lsb[j] != std::numeric_limits<int>::max()) grid[j] = std::ldexp(1.0, lsb[j]);
   return grid;
 }
@@ -244,7 +258,7 @@ std::vector<double> sample_grid(const Rows<T>& rows) {
 // in the error: docs/design/cpu-covariance.md).
 struct RowRun {
   int64_t begin, end;
-  int64_t row;  // its index in RowRuns::rows
+  int64_t row;  // its index in RowRuns::rows (maximal_runs: the hash of its row's bytes)
 };
 struct RowRuns {
   std::vector<RowRun> runs;  // by first row
@@ -253,77 +267,101 @@ struct RowRuns {
 constexpr int64_t MIN_RUN = 8;
 constexpr int64_t MIN_COUNT = 32;
 constexpr int64_t MAX_ROWS = 64;
+
 template <typename T>
-RowRuns identical_runs(const Rows<T>& w) {
-  const int64_t n = w.n, d = w.d;
-  RowRuns out;
-  if (n < MIN_RUN) return out;
-  const auto row = [&](int64_t r) { return w.row(r); };
-  const auto equal = [&](int64_t r, int64_t q) { return std::memcmp(row(r), row(q), d * sizeof(T)) == 0; };
+bool rows_equal(const Rows<T>& w, int64_t r, int64_t q) {
+  return std::memcmp(w.row(r), w.row(q), w.d * sizeof(T)) == 0;
+}
+
+template <typename T>
+uint64_t row_hash(const Rows<T>& w, int64_t r) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(w.row(r));
+  const size_t nbytes = w.d * sizeof(T);
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (size_t i = 0; i < nbytes; i += 8) {
+    uint64_t word = 0;
+    std::memcpy(&word, bytes + i, std::min<size_t>(8, nbytes - i));
+    h = (h ^ word) * 0xFF51AFD7ED558CCDull;
+    h ^= h >> 32;
+  }
+  return h;
+}
+
+// The maximal runs of identical consecutive rows of MIN_RUN rows or more, by first row, each with
+// the hash of its row in `row`. With edges, also the runs that hold the first and the last row,
+// whatever their length: rows split between processes can continue a run across their boundary.
+template <typename T>
+std::vector<RowRun> maximal_runs(const Rows<T>& w, bool edges) {
+  const int64_t n = w.n;
+  std::vector<RowRun> runs;
+  if (n < (edges ? 1 : MIN_RUN)) return runs;
   // Most rows differ from the previous one in their first bytes: this reads little more than a
   // cache line per row.
   std::vector<uint8_t> same(n, 0);
   at::parallel_for(1, n, 2048, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) same[r] = equal(r, r - 1);
+    for (int64_t r = b; r < e; ++r) same[r] = rows_equal(w, r, r - 1);
   });
-  std::vector<RowRun> runs;
   for (int64_t r = 0; r < n;) {
     int64_t e = r + 1;
     while (e < n && same[e]) ++e;
-    if (e - r >= MIN_RUN) runs.push_back({r, e, -1});
+    if (e - r >= MIN_RUN || (edges && (r == 0 || e == n))) runs.push_back({r, e, 0});
     r = e;
   }
-  // Which distinct row each run repeats: runs are grouped by a hash of their row, and a run joins
-  // a row of its group only if their bytes are equal (one comparison in the usual case).
   const auto nr = static_cast<int64_t>(runs.size());
-  std::vector<uint64_t> hash(nr);
   at::parallel_for(0, nr, 16, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) {
-      const auto* bytes = reinterpret_cast<const unsigned char*>(row(runs[q].begin));
-      uint64_t h = 0x9E3779B97F4A7C15ull;
-      for (size_t i = 0; i < d * sizeof(T); i += 8) {
-        uint64_t word = 0;
-        std::memcpy(&word, bytes + i, std::min<size_t>(8, d * sizeof(T) - i));
-        h = (h ^ word) * 0xFF51AFD7ED558CCDull;
-        h ^= h >> 32;
-      }
-      hash[q] = h;
-    }
+    for (int64_t q = b; q < e; ++q) runs[q].row = static_cast<int64_t>(row_hash(w, runs[q].begin));
   });
-  std::vector<int64_t> rows, count;
-  std::unordered_map<uint64_t, std::vector<int64_t>> by_hash;
-  for (int64_t q = 0; q < nr; ++q) {
-    std::vector<int64_t>& group = by_hash[hash[q]];
+  return runs;
+}
+
+// Runs with a distinct-row label each (runs[q].row), grouped into the distinct rows they repeat:
+// a run joins the first distinct row of its label whose bytes equal its own (one comparison in the
+// usual case), in the order first seen. Gives the rows and their counts; runs[q].row becomes the
+// index of its distinct row.
+template <typename T>
+RowRuns group_runs(const Rows<T>& w, std::vector<RowRun> runs) {
+  RowRuns out;
+  std::unordered_map<int64_t, std::vector<int64_t>> by_label;
+  for (RowRun& run : runs) {
+    std::vector<int64_t>& group = by_label[run.row];
     int64_t v = -1;
     for (const int64_t u : group)
-      if (equal(rows[u], runs[q].begin)) {
+      if (rows_equal(w, out.rows[u], run.begin)) {
         v = u;
         break;
       }
     if (v < 0) {
-      v = static_cast<int64_t>(rows.size());
+      v = static_cast<int64_t>(out.rows.size());
       group.push_back(v);
-      rows.push_back(runs[q].begin);
-      count.push_back(0);
+      out.rows.push_back(run.begin);
+      out.count.push_back(0);
     }
-    count[v] += runs[q].end - runs[q].begin;
-    runs[q].row = v;
+    out.count[v] += run.end - run.begin;
+    run.row = v;
   }
-  // Of the distinct rows with MIN_COUNT rows in runs or more, the MAX_ROWS with the most (ties: the
-  // first seen), in order seen.
+  out.runs = std::move(runs);
+  return out;
+}
+
+// The runs of one process's W: of the distinct rows with MIN_COUNT rows in runs or more, the
+// MAX_ROWS with the most (ties: the first seen), in order seen.
+template <typename T>
+RowRuns identical_runs(const Rows<T>& w) {
+  const RowRuns all = group_runs(w, maximal_runs(w, false));
+  RowRuns out;
   std::vector<int64_t> order;
-  for (size_t v = 0; v < rows.size(); ++v)
-    if (count[v] >= MIN_COUNT) order.push_back(static_cast<int64_t>(v));
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return count[x] > count[y]; });
+  for (size_t v = 0; v < all.rows.size(); ++v)
+    if (all.count[v] >= MIN_COUNT) order.push_back(static_cast<int64_t>(v));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return all.count[x] > all.count[y]; });
   if (order.size() > static_cast<size_t>(MAX_ROWS)) order.resize(MAX_ROWS);
   std::sort(order.begin(), order.end());
-  std::vector<int64_t> index(rows.size(), -1);
+  std::vector<int64_t> index(all.rows.size(), -1);
   for (const int64_t v : order) {
     index[v] = static_cast<int64_t>(out.rows.size());
-    out.rows.push_back(rows[v]);
-    out.count.push_back(count[v]);
+    out.rows.push_back(all.rows[v]);
+    out.count.push_back(all.count[v]);
   }
-  for (const RowRun& run : runs)
+  for (const RowRun& run : all.runs)
     if (index[run.row] >= 0) out.runs.push_back({run.begin, run.end, index[run.row]});
   return out;
 }
@@ -578,11 +616,34 @@ struct RowProducts {
   const double* acc() const { return tiles.const_data_ptr<double>(); }
 };
 
-// The drift-cancelling steps micro_shift adds to a tile over a block of kc rows: one per
-// shift_pairs pairs of rows of each run.
-int64_t drift_steps(const KernelSet& ks, int64_t kc) {
+// Pass 2's blocks of rows: KC rows each, aligned to the whole W's rows (the first block of rows that
+// start at `offset` in the whole ends where the whole's block would), and in each block the runs
+// of RUN rows whose products are summed in fp32, aligned the same way. So rows split between
+// processes are summed as one process sums them where a split falls on a multiple of KC (every
+// set's KC divides 4,096). Sets that pack kalign rows together align to a multiple of kalign rows.
+struct Block {
+  int64_t r0, kc, phase;  // first row (of this call's), rows, position in the whole's block
+  int64_t run_end(int64_t k0, int64_t run) const {  // end of the run that starts at row k0 of the block
+    return std::min(kc, (phase + k0) / run * run + run - phase);
+  }
+};
+std::vector<Block> blocks_of(int64_t n, int64_t offset, const KernelSet& ks) {
+  std::vector<Block> blocks;
+  const int64_t phase = offset % ks.kc / ks.kalign * ks.kalign;
+  for (int64_t r0 = 0, p = phase; r0 < n; p = 0) {
+    const int64_t kc = std::min(ks.kc - p, n - r0);
+    blocks.push_back({r0, kc, p});
+    r0 += kc;
+  }
+  return blocks;
+}
+
+// The drift-cancelling steps micro_shift adds to a tile over a block: one per shift_pairs pairs of
+// rows of each run.
+int64_t drift_steps(const KernelSet& ks, const Block& block) {
   int64_t steps = 0;
-  for (int64_t k0 = 0; k0 < kc; k0 += ks.run) steps += (std::min(ks.run, kc - k0) + 1) / 2 / ks.exact->shift_pairs;
+  for (int64_t k0 = 0; k0 < block.kc; k0 = block.run_end(k0, ks.run))
+    steps += (block.run_end(k0, ks.run) - k0 + 1) / 2 / ks.exact->shift_pairs;
   return steps;
 }
 
@@ -616,7 +677,7 @@ struct PackSets {
   int64_t b_row_bytes() const { return (b_in_a ? MR : NR) * EB; }
 };
 
-// Step "pack a block": panel p of the block of rows at r0 (kc = min(KC, N - r0) rows), converted,
+// Step "pack a block": panel p of the block of kc rows at r0, converted,
 // centered and packed into a pack set in the kernel set's layout, and the rows of the identical
 // runs in it blanked. Panels [0, pa) are A panels, then B; with pack_pair, panel p is B panel p
 // together with the A panels of its columns; the exact set packs A panels only (a panel with extra
@@ -633,9 +694,9 @@ class BlockPacker {
     return pack_pair_ != nullptr ? plan_.tri.pb : plan_.tri.pa + (packs_.b_in_a ? 0 : plan_.tri.pb);
   }
 
-  void pack_panel(int64_t r0, char* set, int64_t p, double* diag) const {
+  void pack_panel(int64_t r0, int64_t kc, char* set, int64_t p, double* diag) const {
     const int64_t MR = packs_.MR, NR = packs_.NR, EB = packs_.EB, d = rows_.d, stride = rows_.stride;
-    const int64_t kc = std::min(plan_.ks.kc, rows_.n - r0), kcp = packs_.padded(kc);
+    const int64_t kcp = packs_.padded(kc);
     const T* src = rows_.row(r0);
     if (plan_.exact) {
       const ExactPlan& x = plan_.x;
@@ -696,15 +757,15 @@ class BlockPacker {
   const PackPair pack_pair_;
 };
 
-// Step "multiply a block": work item `it` of the block of kc rows packed in `set`. Each of its
-// tiles of the upper triangle takes the products of the block's rows, RUN rows per micro call
+// Step "multiply a block": work item `it` of the block packed in `set`. Each of its tiles of the
+// upper triangle takes the products of the block's rows, one run (block.run_end) per micro call
 // summed in fp32 and added into the tile's fp64 sums in acc (micro_shift on the tiles the plan
 // shifts).
-void multiply_item(const CovariancePlan& plan, const PackSets& packs, char* set, int64_t kc, const WorkItem& it,
-                   double* acc) {
+void multiply_item(const CovariancePlan& plan, const PackSets& packs, char* set, const Block& block,
+                   const WorkItem& it, double* acc) {
   const KernelSet& ks = plan.ks;
   const Triangle& tri = plan.tri;
-  const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE, EB = packs.EB, RUN = ks.run;
+  const int64_t MR = tri.MR, NR = tri.NR, TILE = tri.TILE, EB = packs.EB, kc = block.kc;
   const int64_t kcp = packs.padded(kc), bstep = packs.b_row_bytes();
   for (int64_t jb = it.jb0; jb < it.jb1; ++jb) {
     const char* b = packs.b_read(set, kcp, jb);
@@ -717,15 +778,15 @@ void multiply_item(const CovariancePlan& plan, const PackSets& packs, char* set,
       if (ia + 1 < ia_end) next = c + TILE;
       else if (jb + 1 < it.jb1) next = acc + (tri.first_tile[jb + 1] + it.ia0) * TILE;
       const bool shift = plan.shifted_tile(ia, jb);
-      for (int64_t k0 = 0; k0 < kc; k0 += RUN) {
+      for (int64_t k0 = 0; k0 < kc; k0 = block.run_end(k0, ks.run)) {
+        const int64_t len = block.run_end(k0, ks.run) - k0;
         const auto* ak = reinterpret_cast<const float*>(a + k0 * MR * EB);
         const auto* bk = reinterpret_cast<const float*>(b + k0 * bstep);
         const double* pf = k0 == 0 ? next : nullptr;
         if (shift)
-          ks.exact->micro_shift(std::min(RUN, kc - k0), ak, bk, c, pf, plan.x.shift_a.data() + ia * MR,
-                                plan.x.shift_b.data() + jb * NR);
+          ks.exact->micro_shift(len, ak, bk, c, pf, plan.x.shift_a.data() + ia * MR, plan.x.shift_b.data() + jb * NR);
         else
-          ks.micro(std::min(RUN, kc - k0), ak, bk, c, pf);
+          ks.micro(len, ak, bk, c, pf);
       }
     }
   }
@@ -740,15 +801,10 @@ void multiply_item(const CovariancePlan& plan, const PackSets& packs, char* set,
 // within a block each tile is computed by exactly one thread, and the blocks are added into the
 // fp64 tiles in row order (the region ends before the next block starts).
 template <typename T>
-RowProducts accumulate(const Rows<T>& rows, const CovariancePlan& plan, uint64_t caller,
-                       const ProgressScope& progress) {
+RowProducts accumulate(const Rows<T>& rows, const CovariancePlan& plan, const RowRuns& repeated, int64_t offset,
+                       uint64_t caller, const ProgressScope& progress) {
   const KernelSet& ks = plan.ks;
-  const int64_t n = rows.n, KC = ks.kc;
   const PackSets packs(ks, plan.tri);
-  // Runs of identical rows, for the sets whose packs the driver can blank (fp32 rows, or the exact
-  // set's bf16 row pairs).
-  const bool blankable = plan.exact || (Typed<T>::pack_pair(ks) == nullptr && packs.EB == 4 && ks.kalign == 1);
-  const RowRuns repeated = blankable ? identical_runs(rows) : RowRuns{};
   const BlockPacker<T> packer(rows, plan, packs, repeated.runs);
   RowProducts out;
   out.runs = run_terms(rows, repeated, plan);
@@ -762,72 +818,63 @@ RowProducts accumulate(const Rows<T>& rows, const CovariancePlan& plan, uint64_t
   const auto item_count = static_cast<int64_t>(items.size());
   constexpr int64_t PACK_CHUNK = 8;  // panels per grab
   const int64_t npanels = packer.panels(), pack_chunks = (npanels + PACK_CHUNK - 1) / PACK_CHUNK;
-  const auto pack_chunk = [&](int64_t r0, char* set, int64_t c) {
+  const auto pack_chunk = [&](const Block& block, char* set, int64_t c) {
     for (int64_t p = c * PACK_CHUNK; p < std::min(npanels, (c + 1) * PACK_CHUNK); ++p)
-      packer.pack_panel(r0, set, p, diag);
+      packer.pack_panel(block.r0, block.kc, set, p, diag);
   };
 
-  at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) pack_chunk(0, packs.set(0), c);
-  });
-  const int64_t nblocks = (n + KC - 1) / KC;
+  const std::vector<Block> blocks = blocks_of(rows.n, offset, ks);
+  const auto nblocks = static_cast<int64_t>(blocks.size());
+  if (nblocks > 0)
+    at::parallel_for(0, pack_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) pack_chunk(blocks[0], packs.set(0), c);
+    });
   for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t r0 = blk * KC, kc = std::min(KC, n - r0);
+    const Block& block = blocks[blk];
     TORCH_CHECK(!cancel_requested(caller), "center_syrk: cancelled");
     const bool pack_next = blk + 1 < nblocks;
     std::atomic<int64_t> next_pack{0}, next_item{0};
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
       if (pack_next) {
         for (int64_t c; (c = next_pack.fetch_add(1, std::memory_order_relaxed)) < pack_chunks;)
-          pack_chunk(r0 + KC, packs.set(blk + 1), c);
+          pack_chunk(blocks[blk + 1], packs.set(blk + 1), c);
       }
       bool begun = false;
       for (int64_t i; (i = next_item.fetch_add(1, std::memory_order_relaxed)) < item_count;) {
         if (!begun && ks.thread_begin != nullptr) ks.thread_begin();
         begun = true;
-        multiply_item(plan, packs, packs.set(blk), kc, items[i], acc);
+        multiply_item(plan, packs, packs.set(blk), block, items[i], acc);
       }
       if (begun && ks.thread_end != nullptr) ks.thread_end();
     });
-    if (plan.exact) out.shift_steps += drift_steps(ks, kc);
-    progress.advance(r0 + kc);
+    if (plan.exact) out.shift_steps += drift_steps(ks, block);
+    progress.advance(block.r0 + block.kc);
   }
   return out;
 }
 
-// ---- Finish -------------------------------------------------------------------------------------
+// Whether the plan's packs can be blanked for runs of identical rows (fp32 rows, or the exact set's
+// bf16 row pairs; not the AMX set's split tiles).
+template <typename T>
+bool blankable(const CovariancePlan& plan) {
+  return plan.exact || (Typed<T>::pack_pair(plan.ks) == nullptr && plan.ks.pack_bytes == 4 && plan.ks.kalign == 1);
+}
 
-// Finish for the fp32 sets: cov = fp32(S / N - (mean - center)(mean - center)^T), S the sums of
-// products (tiles and runs): the rows were centered on the fp32 centers, not on the exact mean,
-// which adds that rank-one term to S / N. A column the plan marks fp64_var takes its variance from
-// pass 1's fp64 sums instead, sq / N - mean^2. Both halves of cov are written.
-void finish_fp32(const CovariancePlan& plan, const ColumnStats& stats, const double* mean, const RowProducts& sums,
-                 float* cov) {
-  const Triangle& tri = plan.tri;
-  const int64_t d = tri.d, MR = tri.MR, NR = tri.NR, TILE = tri.TILE;
-  const double inv_n = 1.0 / static_cast<double>(stats.rows);
-  const double* acc = sums.acc();
-  const float* center = plan.center.data();
-  at::parallel_for(0, tri.pb, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t jb = b0; jb < b1; ++jb) {
-      for (int64_t ia = 0; ia < tri.rows(jb); ++ia) {
-        const double* tile = acc + (tri.first_tile[jb] + ia) * TILE;
-        for (int64_t c = 0; c < NR; ++c) {
-          const int64_t j = jb * NR + c;
-          if (j >= d) break;
-          for (int64_t r = 0; r < MR; ++r) {
-            const int64_t i = ia * MR + r;
-            if (i > j) break;
-            const double di = mean[i] - static_cast<double>(center[i]);
-            const double dj = mean[j] - static_cast<double>(center[j]);
-            const float v = i == j && plan.fp64_var[j]
-                                ? static_cast<float>(stats.sq[j] * inv_n - mean[j] * mean[j])
-                                : static_cast<float>((tile[c * MR + r] + sums.runs.sum(i, j)) * inv_n - di * dj);
-            cov[i * d + j] = v;
-            cov[j * d + i] = v;
-          }
-        }
-      }
+// ---- The sums as a plain triangle ---------------------------------------------------------------
+
+// Entry (i, j), i <= j, of a packed upper triangle of d columns: (0, 0), (0, 1), ..., (0, d - 1),
+// (1, 1), ... in that order.
+inline int64_t upper_index(int64_t d, int64_t i, int64_t j) { return i * d - i * (i - 1) / 2 + (j - i); }
+
+// Column j has j entries above the diagonal: columns p and d - 1 - p go together, so every chunk of
+// pairs has the same work. f(j) is called once per column.
+template <typename F>
+void for_columns_balanced(int64_t d, const F& f) {
+  at::parallel_for(0, (d + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = 2 * p0; q < 2 * p1; ++q) {
+      const int64_t j = q % 2 == 0 ? q / 2 : d - 1 - q / 2;
+      if (q % 2 == 1 && j == q / 2) continue;  // the middle column of an odd d, done once
+      f(j);
     }
   });
 }
@@ -855,36 +902,116 @@ double exact_sum(const CovariancePlan& plan, const RowProducts& sums, int64_t i,
   return s + sums.runs.sum(i, j);
 }
 
+// Pass 2's sums as a plain fp64 packed upper triangle S of W's d columns (upper_index), not divided
+// by N: for the fp32 sets the sums of (x_i - c_i)(x_j - c_j) around the plan's centers (tiles plus
+// runs); for the exact set the sums of t_i t_j (t: x scaled, less the shift; exact_sum), with the
+// packs' fp64 sums of t^2 on the diagonal of centered columns. The diagonal of a column whose
+// variance comes from pass 1 (fp64_var; the exact set's uncentered columns) holds its products'
+// sum, which the finish does not use. Triangles of disjoint sets of rows around the same plan add
+// up to the triangle of their union.
+at::Tensor upper_sums(const CovariancePlan& plan, const RowProducts& sums, int64_t d) {
+  at::Tensor out = at::empty({d * (d + 1) / 2}, at::TensorOptions().dtype(at::kDouble));
+  double* S = out.data_ptr<double>();
+  const Triangle& tri = plan.tri;
+  const double* acc = sums.acc();
+  for_columns_balanced(d, [&](int64_t j) {
+    for (int64_t i = 0; i <= j; ++i) {
+      double s;
+      if (plan.exact)
+        s = i == j && plan.x.shift[j] != 0.0f ? sums.diag[j] : exact_sum(plan, sums, i, j);
+      else
+        s = acc[(tri.first_tile[j / tri.NR] + i / tri.MR) * tri.TILE + (j % tri.NR) * tri.MR + i % tri.MR] +
+            sums.runs.sum(i, j);
+      S[upper_index(d, i, j)] = s;
+    }
+  });
+  return out;
+}
+
+// ---- Finish -------------------------------------------------------------------------------------
+
+// Finish for the fp32 sets: cov = fp32(S / N - (mean - center)(mean - center)^T), S from
+// upper_sums: the rows were centered on the fp32 centers, not on the exact mean, which adds that
+// rank-one term to S / N. A column the plan marks fp64_var takes its variance from pass 1's fp64
+// sums instead, sq / N - mean^2. Both halves of cov are written.
+void finish_fp32(const CovariancePlan& plan, const ColumnStats& stats, const double* mean, const double* S,
+                 float* cov) {
+  const int64_t d = stats.columns();
+  const double inv_n = 1.0 / static_cast<double>(stats.rows);
+  const float* center = plan.center.data();
+  for_columns_balanced(d, [&](int64_t j) {
+    const double dj = mean[j] - static_cast<double>(center[j]);
+    for (int64_t i = 0; i <= j; ++i) {
+      const double di = mean[i] - static_cast<double>(center[i]);
+      const float v = i == j && plan.fp64_var[j] ? static_cast<float>(stats.sq[j] * inv_n - mean[j] * mean[j])
+                                                 : static_cast<float>(S[upper_index(d, i, j)] * inv_n - di * dj);
+      cov[i * d + j] = v;
+      cov[j * d + i] = v;
+    }
+  });
+}
+
 // Finish for the exact set: cov = fp32((S / N - delta_i delta_j) unscale_i unscale_j), S from
-// exact_sum; the diagonal takes S from fp64 sums of t^2 (t: x scaled, less the shift), pass 1's
-// sq scaled for uncentered columns and the packs' for centered ones: the squares of bf16 numbers
-// have biased low bits, so their fp32 sums would round low (syrk_avx512bf16.cpp).
-void finish_exact(const CovariancePlan& plan, const ColumnStats& stats, const RowProducts& sums, float* cov) {
+// upper_sums; the diagonal of an uncentered column takes S from pass 1's fp64 sq, scaled (the
+// squares of bf16 numbers have biased low bits, so their fp32 sums would round low:
+// syrk_avx512bf16.cpp).
+void finish_exact(const CovariancePlan& plan, const ColumnStats& stats, const double* S, float* cov) {
   const ExactPlan& x = plan.x;
   const int64_t d = stats.columns();
   const double inv_n = 1.0 / static_cast<double>(stats.rows);
-  // Column j has j entries above the diagonal: columns p and d - 1 - p go together, so every
-  // chunk of pairs has the same work.
-  at::parallel_for(0, (d + 1) / 2, 8, [&](int64_t p0, int64_t p1) {
-    for (int64_t q = 2 * p0; q < 2 * p1; ++q) {
-      const int64_t j = q % 2 == 0 ? q / 2 : d - 1 - q / 2;
-      if (q % 2 == 1 && j == q / 2) continue;  // the middle column of an odd d, done once
-      const double dj = x.delta[j], uj = x.unscale[j];
-      const double sq = x.shift[j] == 0.0f
-                            ? stats.sq[j] * static_cast<double>(x.scale[j]) * static_cast<double>(x.scale[j])
-                            : sums.diag[j];
-      cov[j * d + j] = static_cast<float>((sq * inv_n - dj * dj) * uj * uj);
-      for (int64_t i = 0; i < j; ++i) {
-        const double s = exact_sum(plan, sums, i, j);
-        const double v = (s * inv_n - x.delta[i] * x.delta[j]) * x.unscale[i] * x.unscale[j];
-        cov[i * d + j] = static_cast<float>(v);
-        cov[j * d + i] = static_cast<float>(v);
-      }
+  for_columns_balanced(d, [&](int64_t j) {
+    const double dj = x.delta[j], uj = x.unscale[j];
+    const double sq = x.shift[j] == 0.0f
+                          ? stats.sq[j] * static_cast<double>(x.scale[j]) * static_cast<double>(x.scale[j])
+                          : S[upper_index(d, j, j)];
+    cov[j * d + j] = static_cast<float>((sq * inv_n - dj * dj) * uj * uj);
+    for (int64_t i = 0; i < j; ++i) {
+      const double v = (S[upper_index(d, i, j)] * inv_n - x.delta[i] * dj) * x.unscale[i] * uj;
+      cov[i * d + j] = static_cast<float>(v);
+      cov[j * d + i] = static_cast<float>(v);
     }
   });
 }
 
 // ---- The driver ---------------------------------------------------------------------------------
+
+// The set whose pass 1 runs: a set with exact bf16 products where it may run on W (bf16, and
+// allowed: rows split between processes use it only where every process has it), else the fp32 set.
+template <typename T>
+const KernelSet& stats_set(bool allow_exact) {
+  const KernelSet& chosen = active_kernels();
+  if (chosen.exact == nullptr) return chosen;
+  return allow_exact && std::is_same_v<T, c10::BFloat16> ? chosen : chosen.exact->fallback();
+}
+
+// The plan from the whole W's column statistics (and sampled grids): the exact set's where it may
+// run and its plan allows, else the fp32 set's.
+template <typename T>
+CovariancePlan make_plan(const ColumnStats& stats, const double* mean, const std::vector<int>& lsb, bool allow_exact) {
+  const KernelSet& set = stats_set<T>(allow_exact);
+  if (set.exact != nullptr) {
+    std::optional<CovariancePlan> p = plan_exact(stats, mean, set);
+    if (p) return std::move(*p);
+  }
+  return plan_fp32<T>(stats, mean, grid_of(lsb), set.exact != nullptr ? set.exact->fallback() : set);
+}
+
+void finish(const CovariancePlan& plan, const ColumnStats& stats, const double* mean, const at::Tensor& S,
+            float* cov) {
+  if (plan.exact)
+    finish_exact(plan, stats, S.const_data_ptr<double>(), cov);
+  else
+    finish_fp32(plan, stats, mean, S.const_data_ptr<double>(), cov);
+}
+
+// Pass 2 and the triangle of its sums, the kernel set noted for native_status.
+template <typename T>
+at::Tensor products(const Rows<T>& rows, const CovariancePlan& plan, const RowRuns& runs, int64_t offset,
+                    const ProgressScope& progress) {
+  last_covariance().set.store(plan.ks.name);
+  last_covariance().columns.store(plan.tri.d);
+  return upper_sums(plan, accumulate(rows, plan, runs, offset, thread_key(), progress), rows.d);
+}
 
 // center_syrk for W's rows: mean (d,) and cov (d, d) are the op's outputs. A set with exact bf16
 // products runs on bf16 W whose plan allows it; otherwise its fallback does (its pass 1 then
@@ -892,51 +1019,182 @@ void finish_exact(const CovariancePlan& plan, const ColumnStats& stats, const Ro
 template <typename T>
 void center_syrk_impl(const Rows<T>& rows, double* mean, float* cov) {
   const ProgressScope progress(rows.n);
-  const uint64_t caller = thread_key();
-  const KernelSet& chosen = active_kernels();
-  const KernelSet& fp32_set = chosen.exact != nullptr ? chosen.exact->fallback() : chosen;
-  const bool try_exact = chosen.exact != nullptr && std::is_same_v<T, c10::BFloat16>;
-
-  const ColumnStats stats = column_stats(rows, try_exact ? chosen : fp32_set);
+  const ColumnStats stats = column_stats(rows, stats_set<T>(true));
   column_means(stats, mean);
-  std::optional<CovariancePlan> plan = try_exact ? plan_exact(stats, mean, chosen) : std::nullopt;
-  if (!plan) plan.emplace(plan_fp32<T>(stats, mean, sample_grid(rows), fp32_set));
-  last_covariance().set.store(plan->ks.name);
-  last_covariance().columns.store(plan->tri.d);
+  const CovariancePlan plan = make_plan<T>(stats, mean, sample_lsb(rows, Placement{0, rows.n}), true);
+  const RowRuns runs = blankable<T>(plan) ? identical_runs(rows) : RowRuns{};
+  finish(plan, stats, mean, products(rows, plan, runs, 0, progress), cov);
+}
 
-  const RowProducts sums = accumulate(rows, *plan, caller, progress);
-  if (plan->exact)
-    finish_exact(*plan, stats, sums, cov);
-  else
-    finish_fp32(*plan, stats, mean, sums, cov);
+// W's rows as Rows<T> for f (row-strided W used as is, anything else made contiguous once), after
+// the checks every CPU covariance op makes; min_rows 0 for a process's share, which may be empty.
+template <typename F>
+void with_rows(const at::Tensor& W, const char* op, int64_t min_rows, const F& f) {
+  TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D (N, d), got shape ", W.sizes());
+  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf ||
+                  W.scalar_type() == at::kFloat,
+              op, ": W must be bfloat16, float16 or float32, got ", W.scalar_type());
+  const int64_t n = W.size(0), d = W.size(1);
+  TORCH_CHECK(n >= min_rows && d >= 1, op, ": W must have at least ", min_rows, " row(s) and one column, got shape ",
+              W.sizes());
+  const at::Tensor w = (W.stride(1) == 1 && W.stride(0) >= d) ? W : W.contiguous();
+  AT_DISPATCH_SWITCH(w.scalar_type(), "center_syrk_cpu",
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { f(Rows<c10::BFloat16>{w.const_data_ptr<c10::BFloat16>(), n, d, w.stride(0)}); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { f(Rows<c10::Half>{w.const_data_ptr<c10::Half>(), n, d, w.stride(0)}); })
+      AT_DISPATCH_CASE(at::kFloat, [&] { f(Rows<float>{w.const_data_ptr<float>(), n, d, w.stride(0)}); }));
 }
 
 std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
-  TORCH_CHECK(W.dim() == 2, "center_syrk: W must be 2-D (N, d), got shape ", W.sizes());
-  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf ||
-                  W.scalar_type() == at::kFloat,
-              "center_syrk: W must be bfloat16, float16 or float32, got ", W.scalar_type());
-  const int64_t n = W.size(0), d = W.size(1);
-  TORCH_CHECK(n >= 1 && d >= 1, "center_syrk: W must have at least one row and one column, got shape ",
-              W.sizes());
-  // Row-strided input (e.g. a slice of a memory-mapped file) is used as is; anything else is made
-  // contiguous once.
-  const at::Tensor w = (W.stride(1) == 1 && W.stride(0) >= d) ? W : W.contiguous();
-  at::Tensor mean = at::empty({d}, W.options().dtype(at::kDouble));
-  at::Tensor cov = at::empty({d, d}, W.options().dtype(at::kFloat));
-  AT_DISPATCH_SWITCH(w.scalar_type(), "center_syrk_cpu",
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        center_syrk_impl(Rows<c10::BFloat16>{w.const_data_ptr<c10::BFloat16>(), n, d, w.stride(0)},
-                         mean.data_ptr<double>(), cov.data_ptr<float>());
-      })
-      AT_DISPATCH_CASE(at::kHalf, [&] {
-        center_syrk_impl(Rows<c10::Half>{w.const_data_ptr<c10::Half>(), n, d, w.stride(0)}, mean.data_ptr<double>(),
-                         cov.data_ptr<float>());
-      })
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        center_syrk_impl(Rows<float>{w.const_data_ptr<float>(), n, d, w.stride(0)}, mean.data_ptr<double>(),
-                         cov.data_ptr<float>());
-      }));
+  at::Tensor mean = at::empty({W.dim() == 2 ? W.size(1) : 0}, W.options().dtype(at::kDouble));
+  at::Tensor cov;
+  with_rows(W, "center_syrk", 1, [&](const auto& rows) {
+    cov = at::empty({rows.d, rows.d}, W.options().dtype(at::kFloat));
+    center_syrk_impl(rows, mean.data_ptr<double>(), cov.data_ptr<float>());
+  });
+  return {mean, cov};
+}
+
+// ---- Rows split between processes ---------------------------------------------------------------
+//
+// The steps of center_syrk as ops, for a W whose rows are split between processes (each holds the
+// rows [row_offset, row_offset + n) of a whole of total_rows rows): center_stats gives a share's
+// pass 1 statistics, which the processes reduce; center_row_runs its runs of identical rows, which
+// they agree on; center_syrk_partial the triangle of its products around the plan the reduced
+// statistics fix, which they add up; center_syrk_finish the mean and covariance from the reduced
+// triangle. `exact` says whether the set with exact bf16 products may run (every process has it).
+
+// A share's statistics as one fp64 tensor (4, d): the column sums and sums of squares (reduced by
+// adding), the largest |x| (by the maximum; 0 unless the exact set's pass 1 ran) and the exponent
+// of the finest grid of its sampled values (by the minimum; +inf for none).
+at::Tensor center_stats_cpu(const at::Tensor& W, int64_t row_offset, int64_t total_rows, bool exact) {
+  at::Tensor out;
+  with_rows(W, "center_stats", 0, [&](const auto& rows) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(rows.w)>>;
+    TORCH_CHECK(row_offset >= 0 && total_rows >= row_offset + rows.n, "center_stats: rows [", row_offset, ", ",
+                row_offset + rows.n, ") do not lie in a whole of ", total_rows, " rows");
+    const ColumnStats st = column_stats(rows, stats_set<T>(exact));
+    const std::vector<int> lsb = sample_lsb(rows, Placement{row_offset, total_rows});
+    out = at::zeros({4, rows.d}, at::TensorOptions().dtype(at::kDouble));
+    auto o = out.accessor<double, 2>();
+    for (int64_t j = 0; j < rows.d; ++j) {
+      o[0][j] = st.sum[j];
+      o[1][j] = st.sq[j];
+      o[2][j] = st.amax.empty() ? 0.0 : static_cast<double>(st.amax[j]);
+      o[3][j] = lsb[j] == std::numeric_limits<int>::max() ? std::numeric_limits<double>::infinity() : lsb[j];
+    }
+  });
+  return out;
+}
+
+// The whole's statistics from the reduced tensor: the ColumnStats, the means and the grid exponents.
+struct WholeStats {
+  ColumnStats stats;
+  std::vector<double> mean;
+  std::vector<int> lsb;
+};
+WholeStats whole_stats(const at::Tensor& t, int64_t d, int64_t total_rows, const char* op) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == 4 && t.size(1) == d && t.scalar_type() == at::kDouble,
+              op, ": stats must be float64 of shape (4, ", d, "), got ", t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(total_rows >= 1, op, ": total_rows must be at least 1, got ", total_rows);
+  const at::Tensor c = t.contiguous();
+  auto a = c.accessor<double, 2>();
+  WholeStats w;
+  w.stats.rows = total_rows;
+  w.stats.sum.resize(d);
+  w.stats.sq.resize(d);
+  w.stats.amax.resize(d);
+  w.mean.resize(d);
+  w.lsb.resize(d);
+  for (int64_t j = 0; j < d; ++j) {
+    w.stats.sum[j] = a[0][j];
+    w.stats.sq[j] = a[1][j];
+    w.stats.amax[j] = static_cast<float>(a[2][j]);
+    w.lsb[j] = std::isfinite(a[3][j]) ? static_cast<int>(a[3][j]) : std::numeric_limits<int>::max();
+  }
+  column_means(w.stats, w.mean.data());
+  return w;
+}
+
+// A share's runs of identical rows (int64 (r, 3): first row, end, hash of the row's bytes): those of
+// 8 rows or more and those at its first and last row, for the processes to join and select.
+at::Tensor center_row_runs_cpu(const at::Tensor& W) {
+  at::Tensor out;
+  with_rows(W, "center_row_runs", 0, [&](const auto& rows) {
+    const std::vector<RowRun> runs = maximal_runs(rows, true);
+    out = at::empty({static_cast<int64_t>(runs.size()), 3}, at::TensorOptions().dtype(at::kLong));
+    auto o = out.accessor<int64_t, 2>();
+    for (size_t q = 0; q < runs.size(); ++q) {
+      o[q][0] = runs[q].begin;
+      o[q][1] = runs[q].end;
+      o[q][2] = runs[q].row;
+    }
+  });
+  return out;
+}
+
+// The share's rows of the selected runs (int64 (m, 3): first row, end, index of the selected row),
+// checked and grouped into the distinct rows they repeat.
+template <typename T>
+RowRuns selected_runs(const Rows<T>& rows, const at::Tensor& table) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 3 && table.scalar_type() == at::kLong,
+              "center_syrk_partial: runs must be int64 of shape (m, 3), got ", table.scalar_type(), " ", table.sizes());
+  const at::Tensor c = table.contiguous();
+  auto a = c.accessor<int64_t, 2>();
+  std::vector<RowRun> runs;
+  for (int64_t q = 0; q < table.size(0); ++q) {
+    const int64_t begin = a[q][0], end = a[q][1];
+    TORCH_CHECK(begin >= (runs.empty() ? 0 : runs.back().end) && end > begin && end <= rows.n,
+                "center_syrk_partial: runs must be ordered, disjoint ranges of W's ", rows.n, " rows; run ", q,
+                " is [", begin, ", ", end, ")");
+    for (int64_t r = begin + 1; r < end; ++r)
+      TORCH_CHECK(rows_equal(rows, r, begin), "center_syrk_partial: run ", q, " holds different rows");
+    runs.push_back({begin, end, a[q][2]});
+  }
+  return group_runs(rows, std::move(runs));
+}
+
+// The unnormalised fp64 packed upper triangle of a share's products (upper_sums) around the plan
+// of the whole's reduced statistics, with the share's rows of the selected runs taken out of the
+// packs; its blocks and runs are aligned to the whole's rows (blocks_of).
+at::Tensor center_syrk_partial_cpu(const at::Tensor& W, const at::Tensor& stats, const at::Tensor& runs,
+                                   int64_t row_offset, int64_t total_rows, bool exact) {
+  at::Tensor out;
+  with_rows(W, "center_syrk_partial", 0, [&](const auto& rows) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(rows.w)>>;
+    TORCH_CHECK(row_offset >= 0 && total_rows >= row_offset + rows.n, "center_syrk_partial: rows [", row_offset,
+                ", ", row_offset + rows.n, ") do not lie in a whole of ", total_rows, " rows");
+    const WholeStats whole = whole_stats(stats, rows.d, total_rows, "center_syrk_partial");
+    const CovariancePlan plan = make_plan<T>(whole.stats, whole.mean.data(), whole.lsb, exact);
+    const RowRuns repeated = blankable<T>(plan) ? selected_runs(rows, runs) : RowRuns{};
+    const ProgressScope progress(rows.n);
+    out = products(rows, plan, repeated, row_offset, progress);
+  });
+  return out;
+}
+
+// The whole's exact fp64 mean and fp32 covariance from its reduced statistics and triangle; dtype is
+// W's (it picks the plan, as in the partials).
+std::tuple<at::Tensor, at::Tensor> center_syrk_finish_cpu(const at::Tensor& sums, const at::Tensor& stats,
+                                                          int64_t total_rows, at::ScalarType dtype, bool exact) {
+  TORCH_CHECK(stats.dim() == 2, "center_syrk_finish: stats must be 2-D (4, d), got shape ", stats.sizes());
+  const int64_t d = stats.size(1);
+  TORCH_CHECK(sums.dim() == 1 && sums.size(0) == d * (d + 1) / 2 && sums.scalar_type() == at::kDouble,
+              "center_syrk_finish: sums must be float64 of shape (", d * (d + 1) / 2, ",), got ", sums.scalar_type(),
+              " ", sums.sizes());
+  const WholeStats whole = whole_stats(stats, d, total_rows, "center_syrk_finish");
+  at::Tensor mean = at::empty({d}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor cov = at::empty({d, d}, at::TensorOptions().dtype(at::kFloat));
+  std::memcpy(mean.data_ptr<double>(), whole.mean.data(), d * sizeof(double));
+  const at::Tensor S = sums.contiguous();
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const CovariancePlan plan = make_plan<T>(whole.stats, whole.mean.data(), whole.lsb, exact);
+    finish(plan, whole.stats, whole.mean.data(), S, cov.data_ptr<float>());
+  };
+  if (dtype == at::kBFloat16) run(c10::BFloat16{});
+  else if (dtype == at::kHalf) run(c10::Half{});
+  else if (dtype == at::kFloat) run(float{});
+  else TORCH_CHECK(false, "center_syrk_finish: dtype must be bfloat16, float16 or float32, got ", dtype);
   return {mean, cov};
 }
 
@@ -945,4 +1203,8 @@ std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
 
 TORCH_LIBRARY_IMPL(refframe, CPU, m) {
   m.impl("center_syrk", &refframe::cpu::center_syrk_cpu);
+  m.impl("center_stats", &refframe::cpu::center_stats_cpu);
+  m.impl("center_row_runs", &refframe::cpu::center_row_runs_cpu);
+  m.impl("center_syrk_partial", &refframe::cpu::center_syrk_partial_cpu);
+  m.impl("center_syrk_finish", &refframe::cpu::center_syrk_finish_cpu);
 }
