@@ -56,6 +56,10 @@ class DependencyError(RefframeError):
     """An optional package a feature needs is not installed (matplotlib for refframe.plot)."""
 
 
+class DistributedError(RefframeError):
+    """A sharded build lost a rank (it failed, exited or was killed) or a collective timed out."""
+
+
 class RefframeWarning(UserWarning):
     """A suspicious input that refframe accepts (e.g. duplicate cluster ids); the CLI prints it as
     one line `refframe: warning: ...`."""

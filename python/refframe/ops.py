@@ -30,17 +30,54 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def covariance(W: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def covariance_runs_native(W: torch.Tensor, backend: str) -> bool:
+    """Whether covariance(W, backend=backend) runs the native kernel (a BackendError where backend
+    "native" cannot run)."""
+    return resolve_backend(backend, W.device) == "native" and W.dtype in NATIVE_DTYPES
+
+
+def covariance(
+    W: torch.Tensor,
+    *,
+    backend: str = "auto",
+    group: object = None,
+    row_offset: int | None = None,
+    n_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Column mean (fp32, (d,)) and population covariance Wc^T Wc / N (fp32, (d, d)) of W (N, d).
 
     The native path reads W (bf16, fp16 or fp32) in place, takes an exact fp64 mean and accumulates
     in fp64; the torch path is the seed's fp32 computation.
+
+    group (a torch.distributed process group; or W a DTensor sharded on dim 0): W holds this rank's
+    rows of the whole, ranks in order; every rank gets the whole's mean and covariance.
+    row_offset: where this rank's rows start in the whole (default: after the previous ranks');
+    n_rows: how many of W's rows are real (the rest, at the end, are padding and left out).
     """
+    shard = _shard(W, group, row_offset, n_rows, "covariance", backend)
+    if shard is not None:
+        from . import distributed
+
+        mean64, cov = distributed.covariance(shard)
+        return mean64.to(torch.float32), cov
     check_w(W, min_rows=1, op="covariance")
-    if resolve_backend(backend, W.device) == "native":
+    if covariance_runs_native(W, backend):
         mean64, cov = torch.ops.refframe.center_syrk(W)
         return mean64.to(torch.float32), cov
     return reference.covariance(W)
+
+
+def _shard(W: object, group: object, row_offset: int | None, n_rows: int | None, op: str, backend: str,
+           ids: torch.Tensor | None = None) -> object:
+    """This rank's distributed.Shard where W is split between processes, else None (no
+    torch.distributed import for a single-process call)."""
+    if group is None and type(W).__name__ != "DTensor":
+        if row_offset is not None or n_rows is not None:
+            raise InputError(f"{op}: row_offset and n_rows describe a share of W and need a group")
+        return None
+    from . import distributed
+
+    return distributed.shard_of(W, group, row_offset=row_offset, n_rows=n_rows, op=op, backend=backend, ids=ids)
 
 
 def _device_ids(ids: object, W: torch.Tensor, op: str, *, allow_empty: bool = False) -> torch.Tensor:
@@ -51,8 +88,21 @@ def _device_ids(ids: object, W: torch.Tensor, op: str, *, allow_empty: bool = Fa
     return check_ids(ids, W.shape[0], f"{op}: ids", allow_empty=allow_empty).to(W.device)
 
 
-def gather_mean(W: torch.Tensor, ids: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Mean of the rows W[ids] as fp32 (d,); the native path accumulates in fp64 without copying rows."""
+def gather_mean(
+    W: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    backend: str = "auto",
+    group: object = None,
+    row_offset: int | None = None,
+    n_rows: int | None = None,
+) -> torch.Tensor:
+    """Mean of the rows W[ids] as fp32 (d,); the native path accumulates in fp64 without copying rows.
+    With a group (or a DTensor W), ids are rows of the whole W, the same on every rank (covariance)."""
+    if group is not None or type(W).__name__ == "DTensor":
+        ids64 = check_ids(ids, 2**62, "gather_mean: ids")  # type and shape; the range once N is known
+        offsets = torch.tensor([0, ids64.numel()], dtype=torch.int64)
+        return _sharded_segment_mean(W, ids64, offsets, backend, group, row_offset, n_rows, "gather_mean")[0]
     ids = _device_ids(ids, W, "gather_mean")
     if resolve_backend(backend, W.device) == "native":
         return torch.ops.refframe.gather_mean(W, ids)
@@ -60,15 +110,46 @@ def gather_mean(W: torch.Tensor, ids: torch.Tensor, *, backend: str = "auto") ->
 
 
 def segment_mean(
-    W: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto"
+    W: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    backend: str = "auto",
+    group: object = None,
+    row_offset: int | None = None,
+    n_rows: int | None = None,
 ) -> torch.Tensor:
-    """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass."""
+    """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass. With a
+    group (or a DTensor W), ids are rows of the whole W, the same on every rank (covariance)."""
+    if group is not None or type(W).__name__ == "DTensor":
+        ids64 = check_ids(ids, 2**62, "segment_mean: ids", allow_empty=True)
+        return _sharded_segment_mean(W, ids64, offsets, backend, group, row_offset, n_rows, "segment_mean")
     ids = _device_ids(ids, W, "segment_mean", allow_empty=True)  # the offsets say what is empty
     if resolve_backend(backend, W.device) == "native":
         if W.device.type != "cpu":
             check_offsets(offsets, ids.numel())
         return torch.ops.refframe.segment_mean(W, ids, offsets.to(W.device))
     return reference.segment_mean(W, ids, offsets)
+
+
+def _sharded_segment_mean(
+    W: object,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    backend: str,
+    group: object,
+    row_offset: int | None,
+    n_rows: int | None,
+    op: str,
+) -> torch.Tensor:
+    """segment_mean of a W split between ranks; ids (the same on every rank) checked against the
+    whole's rows once the ranks have told each other their rows."""
+    from . import distributed
+
+    shard = _shard(W, group, row_offset, n_rows, op, backend, ids=ids)
+    check_ids(ids, shard.total, f"{op}: ids", allow_empty=True)
+    check_offsets(offsets, ids.numel())
+    return distributed.segment_mean(shard, ids, offsets)
 
 
 def project(
