@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -275,22 +276,85 @@ def build(
     status = "off" if cache is None else ("hit" if "cache_read" in timings else "miss")
     centroids = _centroids(W, clusters, used, name, timings)
     metadata = {"w_hash": w_hash, "pca_cache": status} if how else {}
-    frames = {
+    pca = (mean, evals, evecs, pca_backend, pca_device)
+    frames = _frames(clusters, centroids, pca, int(W.shape[0]), timings, metadata)
+    return BuildResult(frames, w_hash, status, how, timings, entry_path, pca_backend, pca_device)
+
+
+def _frames(
+    clusters: dict[str, torch.Tensor],
+    centroids: torch.Tensor,
+    pca: tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, str],
+    n_tokens: int,
+    timings: dict[str, float],
+    metadata: dict[str, str],
+) -> dict[str, Frame]:
+    """One Frame per cluster around the shared PCA (mean, eigenvalues, eigenvectors, backend, device)."""
+    mean, evals, evecs, backend, device = pca
+    return {
         k: Frame(
             centroid=centroids[i].clone(),
             eigenvalues=evals,
             eigenvectors=evecs,
             mean=mean,
-            n_tokens=int(W.shape[0]),
+            n_tokens=n_tokens,
             cluster_size=int(ids.numel()),
-            backend=pca_backend,
-            device=pca_device,
+            backend=backend,
+            device=device,
             timings=timings,
             metadata=dict(metadata),
         )
         for i, (k, ids) in enumerate(clusters.items())
     }
-    return BuildResult(frames, w_hash, status, how, timings, entry_path, pca_backend, pca_device)
+
+
+def build_sharded(
+    shard: Any,
+    clusters: dict[str, torch.Tensor],
+    options: Options = Options(),
+    *,
+    name: str = "W",
+    w_hash: str = "",
+    release: Callable[[], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Frames of a W split between the ranks of a group (distributed.Shard; cluster ids checked
+    against the whole's rows), the same on every rank: the centroids and the covariance from the
+    ranks' partial sums, then the eigh on rank 0, broadcast. No PCA cache; w_hash (the whole file's,
+    when the caller hashed it) goes into the frames' metadata. release(): called once W's rows are
+    no longer needed, before the eigh (the CLI lets the file's pages go)."""
+    from . import distributed
+
+    say = log or (lambda _s: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ids, offsets = cluster_offsets(list(clusters.values()))
+    centroids = distributed.segment_mean(shard, ids, offsets)
+    t1 = time.perf_counter()
+    timings["centroids"] = t1 - t0
+    say(f"computing the covariance over {shard.size} ranks ({shard.backend} partial sums)")
+    try:
+        mean64, cov = run_interruptible(torch.device("cpu"), distributed.covariance, shard, name, cancellable=True)
+    except (RuntimeError, MemoryError) as exc:
+        raise _compute_error(exc, name, "computing the covariance") from exc
+    timings["covariance"] = time.perf_counter() - t1
+    if not bool(torch.isfinite(cov).all()):
+        raise NumericalError(f"{name}: the covariance overflows although W is finite; rescale W")
+    if release is not None:
+        release()
+    d = cov.shape[0]
+    evals, evecs = torch.empty(d), torch.empty(d, d)
+    t2 = time.perf_counter()
+    if shard.rank == 0:
+        evals, evecs = _eigh(cov, torch.device("cpu"), options.eigh_dtype)
+    del cov
+    evals = distributed.broadcast(shard, evals, "sharing the eigendecomposition")
+    evecs = distributed.broadcast(shard, evecs, "sharing the eigendecomposition")
+    timings["eigh"] = time.perf_counter() - t2
+    metadata = {"w_hash": w_hash, "pca_cache": "off"} if w_hash else {}
+    pca = (mean64.to(torch.float32), evals, evecs, shard.backend, "cpu")
+    frames = _frames(clusters, centroids, pca, shard.total, timings, metadata)
+    return BuildResult(frames, w_hash, "off", "given" if w_hash else "", timings, None, shard.backend, "cpu")
 
 
 def _content_hash(
@@ -427,6 +491,9 @@ def build_frame(
     name: str = "W",
     ids_name: str = "cluster ids",
     force: bool = False,
+    group: Any = None,
+    row_offset: int | None = None,
+    n_rows: int | None = None,
 ) -> Frame:
     """PCA of W (N, d) and the centroid of the rows W[ids]: the seed notebook's reference frame.
 
@@ -436,13 +503,46 @@ def build_frame(
     name / ids_name: how W and the ids are named in error messages (e.g. "W.safetensors:W").
     force: skip the up-front memory check. No cache: W is not hashed (see build_frame_cached).
 
+    group (a torch.distributed process group; or W a DTensor sharded on dim 0): W holds this rank's
+    rows of the whole, ranks in order, and ids are rows of the whole; every rank gets the same
+    frame. row_offset / n_rows: where this rank's rows start, and how many of them are real (the
+    rest, at the end, are padding). See refframe.covariance.
+
     Raises InputError (and subclasses) for a malformed W or ids, ResourceError for a W that does not
-    fit in memory, BackendError for a backend or device that cannot run here.
+    fit in memory, BackendError for a backend or device that cannot run here, DistributedError when
+    a rank is lost.
     """
+    options = Options(backend, device, eigh_dtype, force)
+    if group is not None or type(W).__name__ == "DTensor":
+        sharded = _sharded_build(W, {"cluster": ids}, options, group, row_offset, n_rows, name, "")
+        return sharded.frames["cluster"]
     check_w(W, name)
     ids64 = check_ids(ids, W.shape[0], ids_name, warn_duplicates=True).to("cpu")
-    options = Options(backend, device, eigh_dtype, force)
     return build(W, {"cluster": ids64}, options, name=name, hash_w=False).frames["cluster"]
+
+
+def _sharded_build(
+    W: Any,
+    clusters: ClusterArg,
+    options: Options,
+    group: Any,
+    row_offset: int | None,
+    n_rows: int | None,
+    name: str,
+    w_hash: str,
+) -> BuildResult:
+    """build_sharded after the ranks have exchanged their inputs; ids checked against the whole."""
+    from . import distributed
+
+    named = {k: check_ids(v, 2**62, f"cluster {k!r}") for k, v in _named(clusters).items()}
+    if not named:
+        raise ClusterIdsError("clusters: no cluster given (pass {name: ids} with at least one entry)")
+    every_id = torch.cat(list(named.values()))
+    shard = distributed.shard_of(
+        W, group, row_offset=row_offset, n_rows=n_rows, op=name, backend=options.backend, ids=every_id
+    )
+    named = {k: check_ids(v, shard.total, f"cluster {k!r}", warn_duplicates=True) for k, v in named.items()}
+    return build_sharded(shard, named, options, name=name, w_hash=w_hash)
 
 
 def build_frames(
@@ -458,6 +558,9 @@ def build_frames(
     w_hash: str | None = None,
     name: str = "W",
     force: bool = False,
+    group: Any = None,
+    row_offset: int | None = None,
+    n_rows: int | None = None,
 ) -> dict[str, Frame]:
     """One frame per cluster from a single PCA of W; the PCA comes from the cache when possible.
 
@@ -467,7 +570,12 @@ def build_frames(
     safetensors file and key W is memory-mapped from, so an unchanged file is recognised by its stat
     without hashing W. w_hash: W's content hash if known.
     Each frame's metadata holds "w_hash" and "pca_cache" (hit/miss/off); frame.timings the stages.
+    group, row_offset, n_rows: a W split between ranks, as in build_frame; there is no file to hash,
+    so the cache is off and the frames record the given w_hash only.
     """
+    if group is not None or type(W).__name__ == "DTensor":
+        options = Options(backend, device, eigh_dtype, force)
+        return _sharded_build(W, clusters, options, group, row_offset, n_rows, name, w_hash or "").frames
     check_w(W, name)
     named = {
         k: check_ids(v, W.shape[0], f"cluster {k!r}", warn_duplicates=True).to("cpu")
