@@ -56,6 +56,30 @@ if _C is not None:
         d = W.shape[1]
         return W.new_empty((d,), dtype=torch.float64), W.new_empty((d, d), dtype=torch.float32)
 
+    if hasattr(torch.ops.refframe, "center_syrk_partial"):  # a library built before the partials has none
+
+        @torch.library.register_fake("refframe::center_stats")
+        def _center_stats_fake(W: torch.Tensor, row_offset: int, total_rows: int, exact: bool) -> torch.Tensor:
+            return W.new_empty((4, W.shape[1]), dtype=torch.float64)
+
+        @torch.library.register_fake("refframe::center_row_runs")
+        def _center_row_runs_fake(W: torch.Tensor) -> torch.Tensor:
+            return W.new_empty((torch.library.get_ctx().new_dynamic_size(), 3), dtype=torch.int64)
+
+        @torch.library.register_fake("refframe::center_syrk_partial")
+        def _center_syrk_partial_fake(
+            W: torch.Tensor, stats: torch.Tensor, runs: torch.Tensor, row_offset: int, total_rows: int, exact: bool
+        ) -> torch.Tensor:
+            d = W.shape[1]
+            return W.new_empty((d * (d + 1) // 2,), dtype=torch.float64)
+
+        @torch.library.register_fake("refframe::center_syrk_finish")
+        def _center_syrk_finish_fake(
+            sums: torch.Tensor, stats: torch.Tensor, total_rows: int, dtype: torch.dtype, exact: bool
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            d = stats.shape[1]
+            return stats.new_empty((d,), dtype=torch.float64), stats.new_empty((d, d), dtype=torch.float32)
+
     @torch.library.register_fake("refframe::project")
     def _project_fake(
         W: torch.Tensor, center: torch.Tensor, basis: torch.Tensor, ids: torch.Tensor | None

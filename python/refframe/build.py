@@ -19,8 +19,8 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -316,6 +316,7 @@ def build_sharded(
     name: str = "W",
     w_hash: str = "",
     release: Callable[[], None] | None = None,
+    progress: Progress = QUIET,
     log: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Frames of a W split between the ranks of a group (distributed.Shard; cluster ids checked
@@ -330,27 +331,18 @@ def build_sharded(
     t0 = time.perf_counter()
     ids, offsets = cluster_offsets(list(clusters.values()))
     centroids = distributed.segment_mean(shard, ids, offsets)
-    t1 = time.perf_counter()
-    timings["centroids"] = t1 - t0
-    say(f"computing the covariance over {shard.size} ranks ({shard.backend} partial sums)")
-    try:
-        mean64, cov = run_interruptible(torch.device("cpu"), distributed.covariance, shard, name, cancellable=True)
-    except (RuntimeError, MemoryError) as exc:
-        raise _compute_error(exc, name, "computing the covariance") from exc
-    timings["covariance"] = time.perf_counter() - t1
-    if not bool(torch.isfinite(cov).all()):
-        raise NumericalError(f"{name}: the covariance overflows although W is finite; rescale W")
-    if release is not None:
-        release()
-    d = cov.shape[0]
-    evals, evecs = torch.empty(d), torch.empty(d, d)
-    t2 = time.perf_counter()
-    if shard.rank == 0:
-        evals, evecs = _eigh(cov, torch.device("cpu"), options.eigh_dtype)
-    del cov
-    evals = distributed.broadcast(shard, evals, "sharing the eigendecomposition")
-    evecs = distributed.broadcast(shard, evecs, "sharing the eigendecomposition")
-    timings["eigh"] = time.perf_counter() - t2
+    timings["centroids"] = time.perf_counter() - t0
+    say(f"Computing PCA over {shard.size} ranks ({shard.backend} partial sums, this rank's {shard.W.shape[0]:,} rows)...")
+
+    def poll() -> tuple[int, int] | None:  # this rank's rows done by the native CPU kernel
+        return None if "covariance" in timings else _native.covariance_progress()
+
+    with progress.stage(lambda: "eigendecomposition" if "covariance" in timings else "covariance", poll):
+        mean64, cov = _sharded_covariance(shard, name, timings)
+        if release is not None:
+            release()
+        evals, evecs = _sharded_eigh(shard, cov, options.eigh_dtype, timings)
+    say(f"✓ PCA computed (backend {shard.backend}, {shard.size} ranks)")
     metadata = {"w_hash": w_hash, "pca_cache": "off"} if w_hash else {}
     pca = (mean64.to(torch.float32), evals, evecs, shard.backend, "cpu")
     frames = _frames(clusters, centroids, pca, shard.total, timings, metadata)
@@ -448,6 +440,38 @@ def _computed_pca(
         if entry_path is not None:
             say(f"  cached as {entry_path}")
     return mean, evals, evecs, used, str(dev), entry_path
+
+
+def _sharded_covariance(shard: Any, name: str, timings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole W's mean and covariance from the ranks' partial sums (Ctrl-C need not wait)."""
+    from . import distributed
+
+    t0 = time.perf_counter()
+    try:
+        mean64, cov = run_interruptible(torch.device("cpu"), distributed.covariance, shard, name, cancellable=True)
+    except (RuntimeError, MemoryError) as exc:
+        raise _compute_error(exc, name, "computing the covariance") from exc
+    timings["covariance"] = time.perf_counter() - t0
+    if not bool(torch.isfinite(cov).all()):
+        raise NumericalError(f"{name}: the covariance overflows although W is finite; rescale W")
+    return mean64, cov
+
+
+def _sharded_eigh(
+    shard: Any, cov: torch.Tensor, eigh_dtype: torch.dtype, timings: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigendecomposition on rank 0, broadcast to every rank."""
+    from . import distributed
+
+    t0 = time.perf_counter()
+    d = cov.shape[0]
+    evals, evecs = torch.empty(d), torch.empty(d, d)
+    if shard.rank == 0:
+        evals, evecs = _eigh(cov, torch.device("cpu"), eigh_dtype)
+    evals = distributed.broadcast(shard, evals, "sharing the eigendecomposition")
+    evecs = distributed.broadcast(shard, evecs, "sharing the eigendecomposition")
+    timings["eigh"] = time.perf_counter() - t0
+    return evals, evecs
 
 
 def _centroids(

@@ -7,11 +7,13 @@ large W is paged in on demand and never copied whole.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
 import stat
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -219,21 +221,49 @@ def read_tensor(path: str | os.PathLike[str], key: str) -> torch.Tensor:
 
 
 def hash_tensor(
-    t: torch.Tensor, chunk_bytes: int = 64 << 20, progress: Callable[[int, int], None] | None = None
+    t: torch.Tensor,
+    chunk_bytes: int = 64 << 20,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    drop_pages: bool = False,
 ) -> str:
     """Content hash (xxh3-128) of a tensor's dtype, shape and bytes, streamed without a copy
     (~17 GB/s from the page cache on one core). `progress(done_bytes, total_bytes)` is called
-    after each chunk."""
+    after each chunk. drop_pages: t is a view of a memory-mapped file, whose pages each chunk lets
+    go once hashed (release_pages), so hashing never keeps the file resident."""
     h = xxhash.xxh3_128()
     h.update(f"{str(t.dtype).removeprefix('torch.')}:{tuple(t.shape)}:".encode())
     flat = t.detach().cpu().contiguous().reshape(-1)
     raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
     buf = raw.numpy()
+    drop_pages = drop_pages and t.device.type == "cpu" and t.is_contiguous()  # t's own pages, no copy
     for i in range(0, buf.size, chunk_bytes):
         h.update(buf[i : i + chunk_bytes])
+        if drop_pages:
+            release_pages(raw[i : i + chunk_bytes])
         if progress is not None:
             progress(min(i + chunk_bytes, buf.size), buf.size)
     return "xxh3_128:" + h.hexdigest()
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Let the kernel drop the pages of a view of a read-only memory-mapped file that lie wholly in
+    t's bytes (madvise MADV_DONTNEED; Linux only, elsewhere nothing happens): they stop counting in
+    the process's memory and are read from the file again if t is used again. True if done."""
+    if not sys.platform.startswith("linux") or t.numel() == 0 or not t.is_contiguous():
+        return False
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
 
 
 _DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}

@@ -22,7 +22,9 @@ from .parser import build_parser, expand_user_paths
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
     """The function that runs command `name` (its module is imported now, loading torch)."""
-    if name == "build":
+    if name == "build" and _torchrun_ranks() > 1:
+        from .sharded import run
+    elif name == "build":
         from .build import run
     elif name == "verify":
         from .verify import run
@@ -35,6 +37,14 @@ def _command(name: str) -> Callable[[argparse.Namespace], int]:
     else:
         from .bench import run
     return run
+
+
+def _torchrun_ranks() -> int:
+    """The number of ranks torchrun started (WORLD_SIZE; 1 outside torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 class Interrupted(KeyboardInterrupt):

@@ -83,6 +83,19 @@ def _add_build(sub) -> argparse.ArgumentParser:
         help="do not wait for the frames (and PCA cache entries) to reach the disk; files are still replaced atomically, but a power cut soon after can lose them",
     )
     b.add_argument("--model-name", help="model name stored in the file's metadata (default: the folder name)")
+    b.add_argument(
+        "--dist-backend",
+        choices=("gloo", "nccl"),
+        help="under torchrun (WORLD_SIZE > 1), each rank reads its share of W's rows: the "
+        "torch.distributed backend (default: nccl on CUDA, else gloo)",
+    )
+    b.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="under torchrun, how long a rank waits for the others at any step before it gives up (default 600)",
+    )
     b.add_argument("--backend", default="auto", choices=BACKENDS, help=BACKEND_HELP)
     b.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
     b.add_argument(
