@@ -1035,8 +1035,8 @@ void with_rows(const at::Tensor& W, const char* op, int64_t min_rows, const F& f
                   W.scalar_type() == at::kFloat,
               op, ": W must be bfloat16, float16 or float32, got ", W.scalar_type());
   const int64_t n = W.size(0), d = W.size(1);
-  TORCH_CHECK(n >= min_rows && d >= 1, op, ": W must have at least ", min_rows, " row(s) and one column, got shape ",
-              W.sizes());
+  TORCH_CHECK(n >= min_rows && d >= 1, op, ": W must have at least ", min_rows > 0 ? "one row and " : "",
+              "one column, got shape ", W.sizes());
   const at::Tensor w = (W.stride(1) == 1 && W.stride(0) >= d) ? W : W.contiguous();
   AT_DISPATCH_SWITCH(w.scalar_type(), "center_syrk_cpu",
       AT_DISPATCH_CASE(at::kBFloat16, [&] { f(Rows<c10::BFloat16>{w.const_data_ptr<c10::BFloat16>(), n, d, w.stride(0)}); })

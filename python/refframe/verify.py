@@ -234,6 +234,11 @@ def _check_against_w(
     same_w = None if not recorded else (w_content_hash or hash_tensor(W)) == recorded
     if same_w:
         res.checks.append(f"{w_name} is the matrix the frame was built from (content hash)")
+    elif same_w is None:
+        res.checks.append(
+            f"the frame records no w_hash (W was not hashed, e.g. built from in-memory shards): "
+            f"{w_name} is checked against the maths only"
+        )
     try:
         _check_maths(path, W, lam, V, float(lam.abs().max()), res, seed, w_name)
     except VerificationError as exc:
