@@ -10,6 +10,7 @@ from .errors import (
     CheckpointError,
     ClusterIdsError,
     DependencyError,
+    DistributedError,
     FileFormatError,
     InputError,
     KeyNotFoundError,
@@ -121,4 +122,4 @@ __all__ += [
 
 __all__ += ["nearest", "project", "radii"]
 
-__all__ += ["DependencyError"]
+__all__ += ["DependencyError", "DistributedError"]

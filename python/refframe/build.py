@@ -323,7 +323,7 @@ def build_sharded(
     against the whole's rows), the same on every rank: the centroids and the covariance from the
     ranks' partial sums, then the eigh on rank 0, broadcast. No PCA cache; w_hash (the whole file's,
     when the caller hashed it) goes into the frames' metadata. release(): called once W's rows are
-    no longer needed, before the eigh (the CLI lets the file's pages go)."""
+    summed, before the exchange of the sums and the eigh (the CLI lets the file's pages go)."""
     from . import distributed
 
     say = log or (lambda _s: None)
@@ -338,9 +338,7 @@ def build_sharded(
         return None if "covariance" in timings else _native.covariance_progress()
 
     with progress.stage(lambda: "eigendecomposition" if "covariance" in timings else "covariance", poll):
-        mean64, cov = _sharded_covariance(shard, name, timings)
-        if release is not None:
-            release()
+        mean64, cov = _sharded_covariance(shard, name, timings, release)
         evals, evecs = _sharded_eigh(shard, cov, options.eigh_dtype, timings)
     say(f"✓ PCA computed (backend {shard.backend}, {shard.size} ranks)")
     metadata = {"w_hash": w_hash, "pca_cache": "off"} if w_hash else {}
@@ -442,13 +440,17 @@ def _computed_pca(
     return mean, evals, evecs, used, str(dev), entry_path
 
 
-def _sharded_covariance(shard: Any, name: str, timings: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _sharded_covariance(
+    shard: Any, name: str, timings: dict[str, float], release: Callable[[], None] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole W's mean and covariance from the ranks' partial sums (Ctrl-C need not wait)."""
     from . import distributed
 
     t0 = time.perf_counter()
     try:
-        mean64, cov = run_interruptible(torch.device("cpu"), distributed.covariance, shard, name, cancellable=True)
+        mean64, cov = run_interruptible(
+            torch.device("cpu"), distributed.covariance, shard, name, release, cancellable=True
+        )
     except (RuntimeError, MemoryError) as exc:
         raise _compute_error(exc, name, "computing the covariance") from exc
     timings["covariance"] = time.perf_counter() - t0

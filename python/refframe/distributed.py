@@ -256,9 +256,13 @@ def _raise_nonfinite(shard: Shard, op: str) -> None:
     raise NonFiniteError(f"{op}: {total} NaN/Inf value(s) in W, first in row {min(rows)}; fix or drop those rows")
 
 
-def covariance(shard: Shard, op: str = "covariance") -> tuple[torch.Tensor, torch.Tensor]:
+def covariance(
+    shard: Shard, op: str = "covariance", release: Callable[[], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp64 mean and fp32 covariance of the whole W, the same on every rank: the CPU kernels'
-    partial sums where every rank runs them (shard.backend "native"), else chunked fp64 sums."""
+    partial sums where every rank runs them (shard.backend "native"), else chunked fp64 sums.
+    release(): called once this rank's rows are summed, before the exchange of the sums."""
+    release = release or (lambda: None)
     W = shard.W
     if shard.backend == "native":
         exact = shard.same_kernels
@@ -269,6 +273,7 @@ def covariance(shard: Shard, op: str = "covariance") -> tuple[torch.Tensor, torc
         tables = gather_objects(shard.group, shard.rank, partial.native_runs(W), "agreeing on runs of identical rows")
         runs = partial.select_runs(tables, shard.shares)[shard.rank]
         sums = partial.native_partial(W, stats, runs, shard.offset, shard.total, exact)
+        release()
         sums = sum_in_rank_order(shard, sums, "adding the covariance's partial sums")
         return partial.native_finish(sums, stats, shard.total, W.dtype, exact)
     from . import chunked
@@ -277,7 +282,9 @@ def covariance(shard: Shard, op: str = "covariance") -> tuple[torch.Tensor, torc
     if not bool(torch.isfinite(col).all()):
         _raise_nonfinite(shard, op)
     mean64 = col / shard.total
-    sums = sum_in_rank_order(shard, chunked.gram_partial(W, mean64), "adding the covariance's partial sums")
+    sums = chunked.gram_partial(W, mean64)
+    release()
+    sums = sum_in_rank_order(shard, sums, "adding the covariance's partial sums")
     mean, cov = chunked.finish(sums, mean64, shard.total)
     return mean64, cov
 
