@@ -121,9 +121,10 @@ def frame_of_padded_share(rank: int, k: int, pad: int) -> dict[str, torch.Tensor
 def frame_of_dtensor(rank: int, k: int) -> dict[str, torch.Tensor]:
     """build_frame of a DTensor sharded on rows (torch.chunk's split), as FSDP2 or a row-wise
     tensor-parallel embedding holds it."""
-    import refframe
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    import refframe
 
     mesh = init_device_mesh("cpu", (k,))
     W = distribute_tensor(make_matrix(), mesh, [Shard(0)])
@@ -132,9 +133,10 @@ def frame_of_dtensor(rank: int, k: int) -> dict[str, torch.Tensor]:
 
 
 def dtensor_on_columns(rank: int, k: int) -> None:
-    import refframe
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    import refframe
 
     mesh = init_device_mesh("cpu", (k,))
     refframe.build_frame(distribute_tensor(make_matrix(), mesh, [Shard(1)]), IDS)

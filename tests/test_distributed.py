@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import dist_workers as dw
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-import dist_workers as dw
 import refframe
 from refframe import _native
 from refframe.tensorfile import SafetensorsFile
