@@ -51,15 +51,18 @@ def _row_chunks(W: torch.Tensor):
 def column_sums(W: torch.Tensor) -> torch.Tensor:
     """Column sums of W (N, d) as fp64 (d,) on the CPU; zeros for N = 0.
 
-    W is read a chunk of rows at a time and stays in its dtype: each value is converted to fp64
-    (exactly, for bf16, fp16, fp32) and summed there, on W's device (on MPS, which has no fp64, each
-    chunk is moved to the CPU and summed there)."""
+    W is read a chunk of rows at a time and stays in its dtype: each chunk is converted to fp64
+    (exactly, for bf16, fp16, fp32) and its columns summed there by a BLAS matrix-vector product, on
+    W's device (on MPS, which has no fp64, each chunk is moved to the CPU first)."""
     check_w(W, min_rows=0, op="column_sums")
-    on_device = W.device.type != "mps"
-    acc = torch.zeros(W.shape[1], dtype=torch.float64, device=W.device if on_device else "cpu")
+    dev = W.device if W.device.type != "mps" else torch.device("cpu")
+    n, d = W.shape
+    acc = torch.zeros(d, dtype=torch.float64, device=dev)
+    buf = torch.empty((min(chunk_rows(d), n), d), dtype=torch.float64, device=dev)
+    ones = torch.ones(buf.shape[0], dtype=torch.float64, device=dev)
     for _, rows in _row_chunks(W):
-        rows = rows if on_device else rows.to("cpu")
-        acc += rows.sum(dim=0, dtype=torch.float64)  # each value converted to fp64, then summed
+        X = buf[: rows.shape[0]].copy_(rows)
+        acc.addmv_(X.T, ones[: rows.shape[0]])
     return acc.to("cpu")
 
 
@@ -100,15 +103,18 @@ def gram_partial(W: torch.Tensor, center64: torch.Tensor) -> torch.Tensor:
     acc = torch.zeros((d, d), dtype=torch.float64, device=W.device if work == torch.float64 else "cpu")
     buf = torch.empty((min(chunk_rows(d), W.shape[0]), d), dtype=work, device=W.device)
     for _, rows in _row_chunks(W):
-        Xc = buf[: rows.shape[0]]
-        torch.sub(rows, c, out=Xc)  # computed in `work`: each value converted exactly, one subtraction
+        Xc = buf[: rows.shape[0]].copy_(rows).sub_(c)  # each value converted exactly, one subtraction
         _add_panels(acc, Xc)
     del buf
     return pack_upper(acc).to("cpu")
 
 
-def _upper_mask(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.ones((d, d), dtype=torch.bool, device=device).triu()
+def _row_offsets(d: int):
+    """(row i, where row i's part of the upper triangle starts in the packed vector)."""
+    offset = 0
+    for i in range(d):
+        yield i, offset
+        offset += d - i
 
 
 def pack_upper(full: torch.Tensor) -> torch.Tensor:
@@ -116,7 +122,11 @@ def pack_upper(full: torch.Tensor) -> torch.Tensor:
     (d (d + 1) / 2,): full[0, 0], full[0, 1], ..., full[0, d - 1], full[1, 1], ..."""
     if full.dim() != 2 or full.shape[0] != full.shape[1]:
         raise InputError(f"pack_upper: expected a square (d, d) tensor, got shape {tuple(full.shape)}")
-    return full.masked_select(_upper_mask(full.shape[0], full.device))
+    d = full.shape[0]
+    tri = torch.empty(d * (d + 1) // 2, dtype=full.dtype, device=full.device)
+    for i, o in _row_offsets(d):
+        tri[o : o + d - i] = full[i, i:]
+    return tri
 
 
 def unpack_upper(tri: torch.Tensor, d: int) -> torch.Tensor:
@@ -126,9 +136,11 @@ def unpack_upper(tri: torch.Tensor, d: int) -> torch.Tensor:
         raise InputError(
             f"unpack_upper: expected a packed triangle of {d * (d + 1) // 2} values for d = {d}, got shape {tuple(tri.shape)}"
         )
-    mask = _upper_mask(d, tri.device)
-    full = torch.zeros((d, d), dtype=tri.dtype, device=tri.device).masked_scatter_(mask, tri)
-    return torch.where(mask, full, full.T)
+    full = torch.empty((d, d), dtype=tri.dtype, device=tri.device)
+    for i, o in _row_offsets(d):
+        full[i, i:] = tri[o : o + d - i]
+        full[i:, i] = tri[o : o + d - i]
+    return full
 
 
 def finish(tri: torch.Tensor, mean64: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
