@@ -35,7 +35,7 @@ def estimate_peak_bytes(
     """Peak bytes a build allocates on `device`, beyond the memory-mapped W itself.
 
     torch (chunked.py): W is read in place; one chunk of centred fp64 rows, the fp64 d x d
-    accumulator with its packed upper triangle and mask, then the fp32 covariance unpacked (about
+    accumulator and its packed upper triangle, then the fp32 covariance unpacked (about
     15 bytes per d x d entry at most); then the centroid's gathered rows. native: packs of 512 rows
     and an fp64 accumulator for one triangle (~d*d/2 doubles) beside the fp32 covariance. Then the
     eigendecomposition: the covariance, its copy in eigh_dtype, eigenvectors, LAPACK workspace
