@@ -29,6 +29,8 @@ def test_bench_small_json(capsys):
             assert _positive(per["median"]) and per["spread"] >= 0
     assert set(r["gemm_gflops"]) == {"torch", "numpy"} and all(map(_positive, r["gemm_gflops"].values()))
     assert all(_positive(v["peak_rss_bytes"]) for v in r["peak_rss"].values())
+    assert _positive(r["stages"]["covariance"]["notebook"]["median"]) and _positive(r["torch_vs_notebook"])
+    assert r["machine"]["covariance_auto"].startswith(("native (", "torch (chunked): "))
     numpy_row = r["peers"]["numpy_syrk"]
     assert _positive(numpy_row["median"]) and numpy_row["copy_seconds"] >= 0
     if "native" in r["stages"]["covariance"]:
@@ -37,6 +39,7 @@ def test_bench_small_json(capsys):
         assert ran["kernel_set"] in r["machine"]["native"] and ran["columns_multiplied"] >= 512
     table = bench.format_table(r)
     assert "covariance" in table and "numpy Xc.T @ Xc" in table and "peak RSS" in table
+    assert "notebook" in table and "backend auto's covariance: " in table
     if "native" in r["stages"]["covariance"]:
         assert f"the covariance ran kernel set {r['machine']['cpu_covariance']['kernel_set']} on" in table
 

@@ -1,4 +1,5 @@
-"""The pure-torch path (the seed's maths) against float64, on several shapes and all dtypes."""
+"""The notebook's maths (reference.py) against float64, on several shapes and all dtypes; the
+centroid through backend torch. (The torch backend's covariance, chunked.py: test_chunked.py.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from helpers import DTYPES, cov64, make_w, rel_fro
-from refframe import covariance, gather_mean, reference
+from refframe import gather_mean, reference
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -14,7 +15,7 @@ from refframe import covariance, gather_mean, reference
 @pytest.mark.parametrize("offset", [0.0, 40.0])
 def test_reference_covariance_matches_float64(dtype, shape, offset):
     W = make_w(*shape, dtype, offset_sigmas=offset)
-    mean, cov = covariance(W, backend="torch")
+    mean, cov = reference.covariance(W)
     mu64, c64 = cov64(W)
     assert mean.dtype == cov.dtype == torch.float32
     assert cov.shape == (shape[1], shape[1])

@@ -68,6 +68,7 @@ class BuildResult:
     cache_entry: Path | None = None
     pca_backend: str = ""
     pca_device: str = ""
+    pca_path: str = ""  # the covariance's path and why (ops.covariance_path), when computed here
 
 
 # -- backend and device ----------------------------------------------------------------------------
@@ -136,13 +137,16 @@ def pca(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, torch.device]:
     """Mean, descending eigenvalues and sign-fixed eigenvectors of W's covariance (fp32, CPU).
 
-    Returns (mean, eigenvalues, eigenvectors, backend used, device used). Refuses up front a W that
+    Returns (mean, eigenvalues, eigenvectors, backend used, device used); the backend is the
+    covariance's (ops.covariance_backend: "auto" on a CPU with only the portable kernel set takes
+    the chunked torch path). Refuses up front a W that
     would not fit in memory (ResourceError; force=True skips the check); NaN or Inf in W raise
     NonFiniteError with their count and first row (found by a chunked scan, only once the mean or
     covariance came out non-finite).
     """
     check_w(W, name)
-    used, dev = plan(W, backend, device, name)
+    _, dev = plan(W, backend, device, name)
+    used = ops.covariance_backend(W, backend, dev)[0]
     check_memory(W, used, dev, name=name, cluster_size=cluster_size, eigh_dtype=eigh_dtype, force=force)
     timings = {} if timings is None else timings
     stage = ["copying W to the device"]
@@ -260,8 +264,9 @@ def build(
     known = cache.lookup_stat(*source) if cache is not None and source is not None and w_hash is None else None
     memory_checked = not (known is not None and cache is not None and cache.entry_path(known, tag).exists())
     if memory_checked:
+        cov_used = ops.covariance_backend(W, options.backend, dev)[0]
         check_memory(
-            W, used, dev, name=name, cluster_size=max_cluster, eigh_dtype=options.eigh_dtype, force=options.force
+            W, cov_used, dev, name=name, cluster_size=max_cluster, eigh_dtype=options.eigh_dtype, force=options.force
         )
     if w_hash is not None:
         how = "given"
@@ -278,7 +283,8 @@ def build(
     metadata = {"w_hash": w_hash, "pca_cache": status} if how else {}
     pca = (mean, evals, evecs, pca_backend, pca_device)
     frames = _frames(clusters, centroids, pca, int(W.shape[0]), timings, metadata)
-    return BuildResult(frames, w_hash, status, how, timings, entry_path, pca_backend, pca_device)
+    path = ops.covariance_path(W, options.backend, dev) if "covariance" in timings else ""
+    return BuildResult(frames, w_hash, status, how, timings, entry_path, pca_backend, pca_device, path)
 
 
 def _frames(
@@ -306,8 +312,6 @@ def _frames(
         )
         for i, (k, ids) in enumerate(clusters.items())
     }
-
-
 def build_sharded(
     shard: Any,
     clusters: dict[str, torch.Tensor],
@@ -344,7 +348,8 @@ def build_sharded(
     metadata = {"w_hash": w_hash, "pca_cache": "off"} if w_hash else {}
     pca = (mean64.to(torch.float32), evals, evecs, shard.backend, "cpu")
     frames = _frames(clusters, centroids, pca, shard.total, timings, metadata)
-    return BuildResult(frames, w_hash, "off", "given" if w_hash else "", timings, None, shard.backend, "cpu")
+    path = f"{shard.backend} partial sums of {shard.size} ranks" + (" (chunked)" if shard.backend == "torch" else "")
+    return BuildResult(frames, w_hash, "off", "given" if w_hash else "", timings, None, shard.backend, "cpu", path)
 
 
 def _content_hash(
@@ -428,7 +433,7 @@ def _computed_pca(
             force=options.force or memory_checked,  # checked already, unless a damaged entry misled
             cluster_size=max_cluster,
         )
-    say(f"✓ PCA computed (backend {used}, device {dev})")
+    say(f"✓ PCA computed (backend {used}, device {dev}; covariance: {ops.covariance_path(W, options.backend, dev)})")
     entry_path = None
     if cache is not None:
         t0 = time.perf_counter()

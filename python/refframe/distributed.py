@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import _native, partial
+from . import _native, backends, chunked, partial
 from .checks import check_w
 from .errors import BackendError, DistributedError, InputError, NonFiniteError, RefframeError
 
@@ -154,13 +154,11 @@ def ids_digest(ids: torch.Tensor | None) -> str:
 
 def _local_backend(W: torch.Tensor, backend: str) -> str:
     """The backend this rank's share takes: native partial sums run on the CPU kernels only."""
-    from . import ops
-
     if W.device.type != "cpu":
         if backend == "native":
             raise BackendError(f"backend 'native' cannot run on {W.device.type} shards: the native partial sums run on the CPU; use backend 'torch'")
         return "torch"
-    return "native" if ops.covariance_runs_native(W, backend) else "torch"
+    return "native" if backends.covariance_runs_native(W, backend) else "torch"
 
 
 def _local_report(W: torch.Tensor, n_rows: int | None, op: str, backend: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -276,8 +274,6 @@ def covariance(
         release()
         sums = sum_in_rank_order(shard, sums, "adding the covariance's partial sums")
         return partial.native_finish(sums, stats, shard.total, W.dtype, exact)
-    from . import chunked
-
     col = sum_in_rank_order(shard, chunked.column_sums(W), "combining the column sums")
     if not bool(torch.isfinite(col).all()):
         _raise_nonfinite(shard, op)

@@ -1,40 +1,22 @@
-"""The ops, covariance, gather_mean, segment_mean, project and radii, and the choice of backend.
+"""The ops, covariance, gather_mean, segment_mean, project and radii.
 
 Each op validates its inputs once (checks.py), then runs the native kernel (refframe._C, see
-_native.py) where it exists for the tensor's device and passed its self-check there, else the
-pure-torch reference (reference.py).
+_native.py) where backends.py chooses it, else the
+pure-torch path: the chunked fp64 covariance (chunked.py), the other ops as reference.py computes
+them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _native, reference
+from . import _native, chunked, reference
+from .backends import NATIVE_DTYPES, covariance_backend, covariance_path, resolve_backend
 from .checks import check_ids, check_offsets, check_w
 from .errors import BackendError, InputError
-from .layout import BACKENDS
 
-# The dtypes the native kernels read; others (e.g. fp64) take the torch path.
-NATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" / "native" / "torch" to the backend that runs on `device`."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    why = _native.unavailable_reason(device)
-    if backend == "native" and why is not None:
-        raise BackendError(f"backend 'native' cannot run on {device.type}: {why}")
-    if backend == "auto":
-        return "native" if why is None else "torch"
-    return backend
-
-
-def covariance_runs_native(W: torch.Tensor, backend: str) -> bool:
-    """Whether covariance(W, backend=backend) runs the native kernel (a BackendError where backend
-    "native" cannot run)."""
-    return resolve_backend(backend, W.device) == "native" and W.dtype in NATIVE_DTYPES
-
+# The choice of backend (backends.py), re-exported for the ops' callers.
+__all__ = ["NATIVE_DTYPES", "covariance_backend", "covariance_path", "resolve_backend"]
 
 def covariance(
     W: torch.Tensor,
@@ -44,15 +26,17 @@ def covariance(
     row_offset: int | None = None,
     n_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column mean (fp32, (d,)) and population covariance Wc^T Wc / N (fp32, (d, d)) of W (N, d).
+    """Column mean (fp32, (d,)) and population covariance Wc^T Wc / N (fp32, (d, d)) of W (N, d),
+    on W's device.
 
     The native path reads W (bf16, fp16 or fp32) in place, takes an exact fp64 mean and accumulates
-    in fp64; the torch path is the seed's fp32 computation.
+    in fp64; the torch path (chunked.py) converts and centres W a chunk of rows at a time in fp64 and
+    sums their products in fp64 through torch's BLAS. See covariance_backend for "auto".
 
     group (a torch.distributed process group; or W a DTensor sharded on dim 0): W holds this rank's
-    rows of the whole, ranks in order; every rank gets the whole's mean and covariance.
-    row_offset: where this rank's rows start in the whole (default: after the previous ranks');
-    n_rows: how many of W's rows are real (the rest, at the end, are padding and left out).
+    rows of the whole, ranks in order; every rank gets the whole's mean and covariance
+    (docs/distributed.md). row_offset: where this rank's rows start in the whole (default: after
+    the previous ranks'); n_rows: how many of W's rows are real (the rest, at the end, are padding).
     """
     shard = _shard(W, group, row_offset, n_rows, "covariance", backend)
     if shard is not None:
@@ -61,10 +45,10 @@ def covariance(
         mean64, cov = distributed.covariance(shard)
         return mean64.to(torch.float32), cov
     check_w(W, min_rows=1, op="covariance")
-    if covariance_runs_native(W, backend):
+    if covariance_backend(W, backend)[0] == "native":
         mean64, cov = torch.ops.refframe.center_syrk(W)
         return mean64.to(torch.float32), cov
-    return reference.covariance(W)
+    return chunked.covariance(W)
 
 
 def _shard(W: object, group: object, row_offset: int | None, n_rows: int | None, op: str, backend: str,

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from . import _native
+from . import _native, chunked
 from .errors import ResourceError
 from .ops import NATIVE_DTYPES
 
@@ -34,11 +34,12 @@ def estimate_peak_bytes(
 ) -> int:
     """Peak bytes a build allocates on `device`, beyond the memory-mapped W itself.
 
-    torch: an fp32 copy of W (unless W is fp32), the centered copy and the d x d covariance, then the
-    centroid's gathered rows. native: W is read in place; packs of 512 rows and an fp64 accumulator
-    for one triangle (~d*d/2 doubles) beside the fp32 covariance. Then the eigendecomposition: the
-    covariance, its copy in eigh_dtype, eigenvectors, LAPACK workspace (~2 d*d) and three fp32 d x d
-    results. On an accelerator W itself is copied to the device too.
+    torch (chunked.py): W is read in place; one chunk of centred fp64 rows, the fp64 d x d
+    accumulator and its packed upper triangle, then the fp32 covariance unpacked (about
+    15 bytes per d x d entry at most); then the centroid's gathered rows. native: packs of 512 rows
+    and an fp64 accumulator for one triangle (~d*d/2 doubles) beside the fp32 covariance. Then the
+    eigendecomposition: the covariance, its copy in eigh_dtype, eigenvectors, LAPACK workspace
+    (~2 d*d) and three fp32 d x d results. On an accelerator W itself is copied to the device too.
     """
     f32 = 4
     es = torch.empty((), dtype=dtype).element_size()
@@ -49,7 +50,7 @@ def estimate_peak_bytes(
         cov_stage = 2 * 1024 * d * f32 + dd * 8 // 2 + dd * f32
         centroid = 0
     else:
-        cov_stage = (0 if dtype == torch.float32 else nd * f32) + nd * f32 + dd * f32
+        cov_stage = min(n, chunked.chunk_rows(d)) * d * 8 + 15 * dd
         centroid = cluster_size * d * (es + f32)
     eigh_stage = dd * f32 + 4 * dd * eb + 3 * dd * f32
     return upload + max(cov_stage, eigh_stage, centroid)
@@ -124,7 +125,8 @@ def check_memory(
         return
     hint = ""
     if backend == "torch" and _native.native_supports(device) and W.dtype in NATIVE_DTYPES:
-        hint = "use --backend native (needs far less), "
+        native = estimate_peak_bytes(n, d, W.dtype, "native", device, cluster_size=cluster_size, eigh_dtype=eigh_dtype)
+        hint = f"use --backend native (needs about {_gb(native)}), " if native < 0.8 * need else ""
     raise ResourceError(
         f"{name}: a {n:,} x {d:,} {str(W.dtype).removeprefix('torch.')} W needs about {_gb(need)} of "
         f"memory with the {backend} backend on {device.type}, only {_gb(avail)} is available; "

@@ -1,7 +1,8 @@
 """Side-by-side timings: native kernels against the pure-torch path, in one process.
 
 Stages are timed in rounds whose order rotates (native, torch; torch, native; ...) so all backends
-see the same machine state; numpy's syrk on a ready centered copy joins the covariance rounds.
+see the same machine state; the notebook's maths (reference.covariance: fp32 copies, one fp32
+GEMM) and numpy's syrk on a ready centered copy join the covariance rounds.
 Medians and the native speedup are reported, with the covariance's GFLOP/s (N*d*(d+1) flops for
 one triangle) next to this machine's measured fp32 GEMM rate. Peak
 memory is measured per backend in a fresh subprocess (ru_maxrss) that builds a whole frame from W
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _native, ops
+from .. import _native, ops, reference
 from ..build import build_frame
 from ..inputs import load_w
 from ..synthetic import SyntheticSpec, make_synthetic
@@ -106,6 +107,7 @@ def _time_stages(
     # native kernel is measured under the same machine state (this machine's speed drifts).
     Xc, copy_seconds = _numpy_copy(W, log)
     arms: dict[str, Callable[[], object]] = {b: (lambda b=b: ops.covariance(W, backend=b)) for b in backends}
+    arms["notebook"] = lambda: reference.covariance(W)
     if Xc is not None:
         arms["numpy_syrk"] = lambda: Xc.T @ Xc
     log("Timing covariance (alternating " + ", ".join(arms) + ") ...")
@@ -113,9 +115,10 @@ def _time_stages(
     numpy_times = cov_times.pop("numpy_syrk", None)
     Xc = None
     stages["covariance"] = cov_times
+    results["machine"]["covariance_auto"] = ops.covariance_path(W, "auto")
     _, cov = ops.covariance(W, backend=backends[0])
     last = _native.last_cpu_covariance()
-    if last is not None:
+    if last is not None and backends[0] == "native":
         results["machine"]["cpu_covariance"] = {"kernel_set": last[0], "columns_multiplied": last[1]}
     log("Timing eigh, centroid and the whole build ...")
     stages["eigh"] = time_alternating({"torch": lambda: torch.linalg.eigh(cov)}, reps)
@@ -134,6 +137,7 @@ def _summarise(results: dict, flops: int) -> None:
     st = results["stages"]
     peers = results["peers"]
     results["covariance_gflops"] = {b: flops / v["median"] / 1e9 for b, v in st["covariance"].items()}
+    results["torch_vs_notebook"] = st["covariance"]["torch"]["median"] / st["covariance"]["notebook"]["median"]
     cov_native = st["covariance"].get("native", {}).get("median")
     if not cov_native:
         return
@@ -204,16 +208,18 @@ def format_table(r: dict) -> str:
             if "cpu_covariance" in m
             else ""
         ),
+        f"backend auto's covariance: {m['covariance_auto']}; torch is the chunked fp64 path, notebook the "
+        "notebook's fp32 maths (reference.covariance)",
         "",
-        f"{'stage':<14}{'native':>18}{'torch':>18}{'speedup':>10}",
+        f"{'stage':<14}{'native':>18}{'torch':>18}{'notebook':>18}{'speedup':>10}",
     ]
     for stage, per in r["stages"].items():
         cells = []
-        for b in ("native", "torch"):
+        for b in ("native", "torch", "notebook"):
             v = per.get(b)
             cells.append(f"{v['median']:.3f} s ({v['spread']:.2f})" if v else "-")
         sp = r.get("speedup", {}).get(stage)
-        lines.append(f"{stage:<14}{cells[0]:>18}{cells[1]:>18}{(f'{sp:.2f}x' if sp else '-'):>10}")
+        lines.append(f"{stage:<14}{cells[0]:>18}{cells[1]:>18}{cells[2]:>18}{(f'{sp:.2f}x' if sp else '-'):>10}")
     g = r["covariance_gflops"]
     ceiling = r["gemm_gflops"]
     lines += [
@@ -223,6 +229,7 @@ def format_table(r: dict) -> str:
         + f" (one triangle, N*d*(d+1) flops); fp32 GEMM ceiling here: torch {ceiling['torch']:.0f}, "
         f"numpy {ceiling['numpy']:.0f} GFLOP/s",
     ]
+    lines.append(f"covariance time, chunked torch path / notebook's maths: {r['torch_vs_notebook']:.2f}x")
     peers = r.get("peers", {})
     if "numpy_syrk" in peers:
         p = peers["numpy_syrk"]
