@@ -8,9 +8,10 @@ memory-mapped W) and K ranks with one thread each over gloo on loopback (each ma
 takes torch.chunk's share of the rows; timed from the API call after a barrier to the result on
 every rank, process start-up not counted). The ranks also time one fixed-order reduction of a
 d (d + 1) / 2 fp64 triangle after a barrier (the partial sums' exchange), and report their peak RSS
-(ru_maxrss, torch included). Then `torchrun -m refframe build` with K ranks is run once, for the
-largest rank's peak RSS in the CLI (its children's ru_maxrss). Pages of W are in the page cache for
-every contender (a first read warms them).
+(VmHWM, torch included). First, `refframe build` under torchrun with K ranks runs once, each rank
+reporting its peak RSS (VmHWM and ru_maxrss; Linux carries ru_maxrss over from the parent through
+fork and exec, VmHWM is the rank's own). Pages of W are in the page cache for every contender (a
+first read warms them).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def _rank(rank: int, k: int, init: str, path: str, q) -> None:
     t0 = time.perf_counter()
     distributed.sum_in_rank_order(shard, tri, "benchmark")
     t_red = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    q.put((rank, t_cov, t_red, rss))
+    from refframe.bench.common import peak_rss_bytes
+
+    q.put((rank, t_cov, t_red, peak_rss_bytes() / 1e9))
     dist.destroy_process_group()
 
 
@@ -93,30 +95,51 @@ def single_run(k: int, path: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def cli_rss(k: int, path: str, ids_path: str) -> float:
-    """The largest rank's peak RSS (GB) in `torchrun -m refframe build` with k ranks."""
+def cli_rank() -> int:
+    """Run as a torchrun rank: `refframe build` with the remaining arguments, then this rank's peak
+    RSS (GB) on stderr: VmHWM (this process's own address space) and ru_maxrss."""
+    from refframe.bench.common import peak_rss_bytes
+    from refframe.cli import main as cli_main
+
+    code = cli_main(sys.argv[2:])
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    print(f"peak-rss rank {os.environ.get('RANK')} {peak_rss_bytes() / 1e9:.3f} {maxrss:.3f}", file=sys.stderr)
+    return code
+
+
+def cli_rss(k: int, path: str, ids_path: str) -> dict:
+    """Each rank's peak RSS (GB: VmHWM, ru_maxrss) in `torchrun ... refframe build` with k ranks, and
+    the command's wall time."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", "-m",
-               "refframe", "build", "--W", path, "--cluster", ids_path, "--out", str(Path(tmp) / "f.safetensors"),
-               "--no-cache", "--no-fsync"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run(cmd, env={**os.environ, **LOOPBACK}, check=True, capture_output=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(before, after) / 1e6
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}",
+               __file__, "--cli-rank", "build", "--W", path, "--cluster", ids_path,
+               "--out", str(Path(tmp) / "f.safetensors"), "--no-cache", "--no-fsync"]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, env={**os.environ, **LOOPBACK}, check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    ranks = {}
+    for line in out.stderr.splitlines():
+        if line.startswith("peak-rss rank"):
+            _, _, r, hwm, maxrss = line.split()
+            ranks[int(r)] = {"vmhwm_gb": float(hwm), "ru_maxrss_gb": float(maxrss)}
+    return {"ranks": [ranks[r] for r in sorted(ranks)], "wall_seconds": wall}
 
 
 def synthetic(folder: Path) -> tuple[str, str]:
-    from safetensors.torch import save_file
-
-    from refframe.synthetic import make_synthetic
-
-    W, ids = make_synthetic()
-    save_file({"W": W}, folder / "W.safetensors")
-    save_file({"cluster_token_ids": ids}, folder / "ids.safetensors")
+    """The synthetic W and its cluster, written by a subprocess (so this process stays small)."""
+    code = (
+        "import sys\nfrom safetensors.torch import save_file\nfrom refframe.synthetic import make_synthetic\n"
+        "W, ids = make_synthetic()\n"
+        "save_file({'W': W}, sys.argv[1] + '/W.safetensors')\n"
+        "save_file({'cluster_token_ids': ids}, sys.argv[1] + '/ids.safetensors')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     return str(folder / "W.safetensors"), str(folder / "ids.safetensors")
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--cli-rank"]:
+        return cli_rank()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--W", help="a safetensors file with key W (default: a synthetic Qwen3-4B-shaped W)")
     ap.add_argument("--cluster", help="cluster ids file for the CLI run (with --W)")
@@ -126,6 +149,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path, ids_path = (args.W, args.cluster) if args.W else synthetic(Path(tmp))
+        rss_cli = cli_rss(args.ranks, path, ids_path) if ids_path else None  # first: nothing else ran yet
         single_run(args.ranks, path)  # warms the page cache
         singles, shardeds = [], []
         for rep in range(args.reps):
@@ -135,7 +159,6 @@ def main() -> int:
                 else:
                     shardeds.append(sharded_run(args.ranks, path))
                 print(which, singles[-1] if which == "single" else shardeds[-1], flush=True)
-        rss_cli = cli_rss(args.ranks, path, ids_path) if ids_path else None
     ratios = [s["seconds"] / t for s, t in zip(shardeds, singles)]
     result = {
         "machine": {"cpu": _cpu(), "kernel": refframe_kernel(), "torch": torch.__version__},
@@ -143,7 +166,7 @@ def main() -> int:
         "single_seconds": singles,
         "sharded": shardeds,
         "ratio_sharded_over_single_median": statistics.median(ratios),
-        "cli_largest_rank_peak_rss_gb": rss_cli,
+        "cli": rss_cli,
     }
     print(json.dumps(result, indent=1))
     if args.json:
