@@ -74,6 +74,7 @@ def make_matrix(n: int = 9000, d: int = 48, dtype: torch.dtype = torch.bfloat16)
 
 
 IDS = torch.arange(5, 9000, 13)
+IDS_B = torch.tensor([8999, 0, 4100, 4100, 17])
 
 
 def share(W: torch.Tensor, rank: int, cuts: list[int]) -> tuple[torch.Tensor, int]:
@@ -90,7 +91,10 @@ def frame_of_share(rank: int, k: int, cuts: list[int], dtype: torch.dtype, backe
     group = dist.group.WORLD
     mean, cov = refframe.covariance(mine, backend=backend, group=group)
     frame = refframe.build_frame(mine, IDS, backend=backend, group=group)
+    frames = refframe.build_frames(mine, {"a": IDS, "b": IDS_B}, backend=backend, group=group)
     return {
+        "frames_centroids": torch.stack([frames["a"].centroid, frames["b"].centroid]),
+        "frames_eigenvalues": frames["b"].eigenvalues,
         "mean": mean,
         "cov": cov,
         "centroid": refframe.gather_mean(mine, IDS, backend=backend, group=group),

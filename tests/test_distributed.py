@@ -66,6 +66,9 @@ def test_api_ranks_agree_with_one_process(backend, cuts):
     assert got["n_tokens"] == W.shape[0]
     torch.testing.assert_close(got["centroid"], W[dw.IDS].double().mean(0).float(), rtol=0, atol=1e-7)
     assert torch.equal(got["centroid"], got["frame_centroid"])
+    assert torch.equal(got["frames_centroids"][0], got["centroid"])  # build_frames: one PCA, two clusters
+    torch.testing.assert_close(got["frames_centroids"][1], W[dw.IDS_B].double().mean(0).float(), rtol=0, atol=1e-7)
+    assert torch.equal(got["frames_eigenvalues"], got["eigenvalues"])
     assert torch.allclose(got["mean"], ref["mean"], rtol=0, atol=1e-7)
     if cuts == [4096] and backend == "native":  # shares on 4,096-row boundaries: one process's bits
         assert torch.equal(got["cov"], ref["cov"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -97,11 +98,12 @@ def _run_job(job: Job, args: argparse.Namespace, rank: int, size: int) -> None:
     r0, r1 = min(n, rank * step), min(n, (rank + 1) * step)
     mine = W[r0:r1]
     progress = Progress() if rank == 0 else QUIET
-    w_hash = ""
+    w_hash, t0 = "", time.perf_counter()
     if rank == 0:
         _report_inputs(job, W)
         with progress.stage("hashing W"):
             w_hash = tensorfile.hash_tensor(W, drop_pages=True)
+    t_hash = time.perf_counter() - t0
     every_id = torch.cat(list(job.clusters.values()))
     shard = distributed.shard_of(mine, dist.group.WORLD, row_offset=r0, op=job.w_name, backend=args.backend, ids=every_id)
     options = Options(args.backend, args.device, EIGH_DTYPES[args.eigh_dtype], args.force)
@@ -121,7 +123,10 @@ def _run_job(job: Job, args: argparse.Namespace, rank: int, size: int) -> None:
             fr.metadata.update(w_source=job.w_name, cluster=cname, cluster_source=job.cluster_sources.get(cname, ""))
         _report_frames(res.frames)
         try:
+            t0 = time.perf_counter()
             _report_saved(_save(job, res, args, progress))
+            stages = {"load": job.t_load, "hash": t_hash, **res.timings, "save": time.perf_counter() - t0}
+            say("Stage times: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {sum(stages.values()):.2f} s")
         except RefframeError as exc:
             problem = str(exc)
     problems = distributed.gather_objects(None, rank, problem, "writing the frames")
