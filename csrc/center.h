@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace refframe {
@@ -30,6 +31,20 @@ constexpr int significand_bits = std::is_same_v<T, float> ? 24 : std::is_same_v<
 // log2 of the type's smallest subnormal: the spacing of its subnormals and of its smallest normals.
 template <typename T>
 constexpr int min_spacing_exp = std::is_same_v<T, float> ? -149 : std::is_same_v<T, c10::Half> ? -24 : -133;
+
+// The exponent of the finest power of two that x is a multiple of (|x| = M 2^(E - 150), M the 24-bit
+// significand with its implicit bit; subnormals: E = 1), or INT_MAX for 0, Inf and NaN: the grid of
+// a column's values is the smallest of these over its (sampled) values.
+C10_HOST_DEVICE inline int grid_exponent(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t ex = (u >> 23) & 0xFFu, man = u & 0x7FFFFFu;
+  if ((u & 0x7FFFFFFFu) == 0 || ex == 0xFFu) return 2147483647;
+  const uint32_t m = ex == 0 ? man : (man | 0x800000u);
+  int tz = 0;
+  for (uint32_t b = m; (b & 1u) == 0u; b >>= 1) ++tz;
+  return (ex == 0 ? -149 : static_cast<int>(ex) - 150) + tz;
+}
 
 // mean: the exact column mean; sq: the sum of x^2 over the column's n values (fp64).
 //

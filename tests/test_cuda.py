@@ -525,3 +525,44 @@ def test_native_self_check_passes_on_this_gpu():
 
     assert _native.native_self_check(CUDA) is None
     assert ops.resolve_backend("auto", CUDA) == "native"
+
+
+# -- partial sums of shares (sharded builds: refframe.partial, docs/distributed.md) ------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cuts", [[], [4096], [0, 1, 3001, 3001, 5000]], ids=lambda c: f"K{len(c) + 1}")
+def test_partial_sums_cuda_match_float64(dtype, cuts):
+    from refframe import partial
+
+    W = make_w(6000, 300, dtype, offset_sigmas=3.0)
+    W[1000:1200] = W[999]  # a run of identical rows (the CUDA kernels leave none out)
+    _, ref = cov64(W)
+    b = [0, *cuts, W.shape[0]]
+    parts = [W[b[i] : b[i + 1]].to(CUDA) for i in range(len(b) - 1)]
+    mean, cov = partial.native_covariance_of_shares(parts, exact=False)
+    assert cov.device.type == "cpu"
+    assert rel_fro(cov, ref) <= 1e-7
+    torch.testing.assert_close(mean, W.double().mean(0), rtol=0, atol=1e-12)
+    _, cpu = partial.native_covariance_of_shares([p.cpu() for p in parts], exact=False)
+    assert rel_fro(cov, cpu.double()) <= 1e-7  # CUDA and CPU shares follow one plan
+
+
+def test_partial_sums_cuda_refuse_the_exact_plan():
+    from refframe import partial
+
+    W = make_w(100, 16, torch.bfloat16).to(CUDA)
+    stats = partial.native_stats(W, 0, 100, False)
+    with pytest.raises(RuntimeError, match="pass exact=False"):
+        partial.native_partial(W, stats.cpu(), torch.zeros(0, 3, dtype=torch.long), 0, 100, True)
+
+
+def test_partial_sums_cuda_opcheck():
+    from refframe import partial
+
+    W = make_w(300, 17, torch.float16).to(CUDA)
+    stats = partial.native_stats(W, 0, 300, False)
+    assert stats.shape == (4, 17) and torch.isfinite(stats[3]).all()
+    none = torch.zeros(0, 3, dtype=torch.long, device=CUDA)
+    torch.library.opcheck(torch.ops.refframe.center_stats, (W, 0, 300, False))
+    torch.library.opcheck(torch.ops.refframe.center_syrk_partial, (W, stats, none, 0, 300, False))

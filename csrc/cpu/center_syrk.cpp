@@ -221,17 +221,7 @@ std::vector<int> sample_lsb(const Rows<T>& rows, Placement at) {
     const int64_t j0 = b * 64, j1 = std::min(d, e * 64);
     for (int64_t r = first; r < n; r += step) {
       const T* row = rows.row(r);
-      for (int64_t j = j0; j < j1; ++j) {
-        uint32_t u;
-        const float x = static_cast<float>(row[j]);
-        std::memcpy(&u, &x, sizeof u);
-        const uint32_t ex = (u >> 23) & 0xFFu, man = u & 0x7FFFFFu;
-        if ((u & 0x7FFFFFFFu) == 0 || ex == 0xFFu) continue;
-        // |x| = M 2^(E - 150), M the 24-bit significand with its implicit bit (subnormals: E = 1).
-        const uint32_t m = ex == 0 ? man : (man | 0x800000u);
-        const int v = (ex == 0 ? -149 : static_cast<int>(ex) - 150) + __builtin_ctz(m);
-        lsb[j] = std::min(lsb[j], v);
-      }
+      for (int64_t j = j0; j < j1; ++j) lsb[j] = std::min(lsb[j], refframe::grid_exponent(static_cast<float>(row[j])));
     }
   });
   return lsb;

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -356,9 +357,187 @@ std::tuple<at::Tensor, at::Tensor> center_syrk_cuda(const at::Tensor& W) {
   return {mean, cov};
 }
 
+// ---- Rows split between processes -----------------------------------------------------------------
+//
+// center_syrk's steps for a W whose rows are split between processes (csrc/ops.cpp), on CUDA: the
+// share's statistics and the triangle of its products; the ranks combine them and the CPU op
+// center_syrk_finish, with exact = false, finishes. The plan is the CPU fp32 sets' (so CUDA and CPU
+// shares can be combined): each column centered on center_of (center.h) of the whole's mean, sum
+// of squares and sampled grid. Runs of identical rows stay in the sums (this kernel's fp32 runs are
+// 128 rows long). Compiled, not yet run on a GPU.
+
+// Row q of the share's statistics (4, d), from column_sum_kernel's partials: sums and sums of
+// squares merged in split order, and the largest |x|.
+__global__ void stats_merge_kernel(const double* __restrict__ partial, int64_t splits, int64_t d,
+                                   double* __restrict__ out) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const ColumnSums s = merge_column_sums(partial, splits, d, j);
+  out[j] = s.sum;
+  out[d + j] = s.sq;
+  out[2 * d + j] = fmax(fabs(s.lo), fabs(s.hi));
+}
+
+// The packed upper triangle (entry (i, j), i <= j, at i d - i (i - 1) / 2 + j - i) of the row
+// splits' fp64 sums, added in split order; not divided by N.
+__global__ void reduce_packed_kernel(const double* __restrict__ partial, int64_t tiles, int64_t splits, int64_t d,
+                                     double* __restrict__ out) {
+  const int64_t tile = blockIdx.x / kPerThread;
+  const int e = blockIdx.x % kPerThread;
+  const int tid = threadIdx.x;
+  int64_t ti, tj;
+  tile_coords(tile, ti, tj);
+  const int64_t i = ti * kTile + micro_offset(tid / 16, e / 8);
+  const int64_t j = tj * kTile + micro_offset(tid % 16, e % 8);
+  if (i >= d || j >= d || i > j) return;
+  const double* p = partial + tile * kTile * kTile + e * kThreads + tid;
+  double s = 0.0;
+  for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
+  out[i * d - i * (i - 1) / 2 + (j - i)] = s;
+}
+
+void check_share(const at::Tensor& W, const char* op, int64_t row_offset, int64_t total_rows) {
+  TORCH_CHECK(W.is_cuda() && W.dim() == 2, op, " (CUDA): W must be a 2-D CUDA tensor, got ", W.sizes(), " on ",
+              W.device());
+  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf || W.scalar_type() == at::kFloat,
+              op, " (CUDA): W must be bfloat16, float16 or float32, got ", W.scalar_type());
+  TORCH_CHECK(W.size(1) >= 1, op, " (CUDA): W must have at least one column, got shape ", W.sizes());
+  TORCH_CHECK(row_offset >= 0 && total_rows >= row_offset + W.size(0), op, " (CUDA): rows [", row_offset, ", ",
+              row_offset + W.size(0), ") do not lie in a whole of ", total_rows, " rows");
+}
+
+// Row 3 of the statistics: the finest grid exponent of the share's rows in the whole's sample
+// (every max(1, total / 4096)-th row from the whole's row 0), found on the host (a few MB of rows).
+at::Tensor sample_lsb_row(const at::Tensor& W, int64_t row_offset, int64_t total_rows) {
+  const int64_t n = W.size(0), d = W.size(1);
+  const int64_t step = std::max<int64_t>(1, total_rows / 4096);
+  const int64_t first = (step - row_offset % step) % step;
+  at::Tensor row = at::full({d}, std::numeric_limits<double>::infinity(), at::TensorOptions().dtype(at::kDouble));
+  if (first >= n) return row;
+  const at::Tensor idx = at::arange(first, n, step, W.options().dtype(at::kLong));
+  const at::Tensor rows = W.index_select(0, idx).to(at::kCPU, at::kFloat).contiguous();
+  const float* x = rows.const_data_ptr<float>();
+  double* out = row.data_ptr<double>();
+  for (int64_t r = 0; r < rows.size(0); ++r)
+    for (int64_t j = 0; j < d; ++j) {
+      const int v = refframe::grid_exponent(x[r * d + j]);
+      if (v != std::numeric_limits<int>::max()) out[j] = std::min(out[j], static_cast<double>(v));
+    }
+  return row;
+}
+
+at::Tensor center_stats_cuda(const at::Tensor& W, int64_t row_offset, int64_t total_rows, bool /*exact*/) {
+  check_share(W, "center_stats", row_offset, total_rows);
+  const c10::cuda::CUDAGuard device_guard(W.device());
+  const int64_t n = W.size(0), d = W.size(1);
+  at::Tensor out = at::zeros({4, d}, W.options().dtype(at::kDouble));
+  if (n > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t mean_rows = std::max(kMinMeanRows, ceil_div(n, kMaxMeanSplits));
+    const int64_t mean_splits = ceil_div(n, mean_rows);
+    at::Tensor partial = at::empty({4 * mean_splits, d}, W.options().dtype(at::kDouble));
+    AT_DISPATCH_SWITCH(W.scalar_type(), "center_stats_cuda",
+        AT_DISPATCH_CASE(at::kBFloat16, [&] {
+          column_sum_kernel<scalar_t><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0,
+                                        stream>>>(W.const_data_ptr<scalar_t>(), n, d, W.stride(0), W.stride(1),
+                                                  mean_rows, partial.data_ptr<double>());
+        })
+        AT_DISPATCH_CASE(at::kHalf, [&] {
+          column_sum_kernel<scalar_t><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0,
+                                        stream>>>(W.const_data_ptr<scalar_t>(), n, d, W.stride(0), W.stride(1),
+                                                  mean_rows, partial.data_ptr<double>());
+        })
+        AT_DISPATCH_CASE(at::kFloat, [&] {
+          column_sum_kernel<scalar_t><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0,
+                                        stream>>>(W.const_data_ptr<scalar_t>(), n, d, W.stride(0), W.stride(1),
+                                                  mean_rows, partial.data_ptr<double>());
+        }));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stats_merge_kernel<<<ceil_div(d, kThreads), kThreads, 0, stream>>>(partial.const_data_ptr<double>(), mean_splits,
+                                                                      d, out.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  out[3].copy_(sample_lsb_row(W, row_offset, total_rows));
+  return out;
+}
+
+at::Tensor center_row_runs_cuda(const at::Tensor& W) {
+  TORCH_CHECK(W.is_cuda() && W.dim() == 2, "center_row_runs (CUDA): W must be a 2-D CUDA tensor, got ", W.sizes());
+  return at::empty({0, 3}, W.options().dtype(at::kLong));  // the CUDA kernels leave no runs out
+}
+
+// The fp32 centers of the CPU fp32 sets' plan, from the whole's statistics (on the host).
+template <typename T>
+at::Tensor plan_centers(const at::Tensor& stats, int64_t d, int64_t total_rows) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == d && stats.scalar_type() == at::kDouble,
+              "center_syrk_partial (CUDA): stats must be float64 of shape (4, ", d, "), got ", stats.scalar_type(),
+              " ", stats.sizes());
+  TORCH_CHECK(total_rows >= 1, "center_syrk_partial (CUDA): total_rows must be at least 1, got ", total_rows);
+  const at::Tensor st = stats.to(at::kCPU).contiguous();
+  const double* s = st.const_data_ptr<double>();
+  at::Tensor centers = at::empty({d}, at::TensorOptions().dtype(at::kFloat));
+  float* c = centers.data_ptr<float>();
+  for (int64_t j = 0; j < d; ++j) {
+    const double mean = s[j] / static_cast<double>(total_rows);
+    const double grid = std::isfinite(s[3 * d + j]) ? std::ldexp(1.0, static_cast<int>(s[3 * d + j])) : 0.0;
+    bool fp64_variance = false;
+    c[j] = refframe::center_of<T>(mean, s[d + j], total_rows, grid, &fp64_variance);
+  }
+  return centers;
+}
+
+template <typename T>
+void partial_launch(const at::Tensor& W, const at::Tensor& centers, at::Tensor& out) {
+  const int64_t n = W.size(0), d = W.size(1), s0 = W.stride(0), s1 = W.stride(1);
+  const T* w = W.const_data_ptr<T>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceInfo info = device_info();
+  const int64_t per_side = ceil_div(d, kTile);
+  const int64_t tiles = per_side * (per_side + 1) / 2;
+  TORCH_CHECK(tiles * kPerThread <= INT32_MAX, "center_syrk_partial (CUDA): d = ", d, " is too large");
+  const bool vec = s1 == 1 && s0 % 8 == 0 && d % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  const bool smem_acc = static_cast<size_t>(info.smem_optin) >= kSmemWithAcc;
+  const size_t smem = smem_acc ? kSmemWithAcc : kSmemBase;
+  const auto kernel = vec ? syrk_kernel<T, true> : syrk_kernel<T, false>;
+  const SyrkPlan plan = plan_for(kernel, smem, n, tiles, info);
+  at::Tensor partial = at::empty({plan.splits * tiles * kTile * kTile}, W.options().dtype(at::kDouble));
+  kernel<<<dim3(tiles, plan.splits), kThreads, smem, stream>>>(w, n, d, s0, s1, centers.const_data_ptr<float>(),
+                                                               plan.rows_per_split, tiles, smem_acc,
+                                                               partial.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_packed_kernel<<<tiles * kPerThread, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), tiles,
+                                                                   plan.splits, d, out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor center_syrk_partial_cuda(const at::Tensor& W, const at::Tensor& stats, const at::Tensor& /*runs*/,
+                                    int64_t row_offset, int64_t total_rows, bool exact) {
+  check_share(W, "center_syrk_partial", row_offset, total_rows);
+  TORCH_CHECK(!exact, "center_syrk_partial (CUDA): the CUDA kernels follow the fp32 sets' plan; pass exact=False "
+              "(to center_syrk_finish too)");
+  const c10::cuda::CUDAGuard device_guard(W.device());
+  const int64_t n = W.size(0), d = W.size(1);
+  at::Tensor out = at::zeros({d * (d + 1) / 2}, W.options().dtype(at::kDouble));
+  if (n == 0) return out;
+  AT_DISPATCH_SWITCH(W.scalar_type(), "center_syrk_partial_cuda",
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        partial_launch<scalar_t>(W, plan_centers<scalar_t>(stats, d, total_rows).to(W.device()), out);
+      })
+      AT_DISPATCH_CASE(at::kHalf, [&] {
+        partial_launch<scalar_t>(W, plan_centers<scalar_t>(stats, d, total_rows).to(W.device()), out);
+      })
+      AT_DISPATCH_CASE(at::kFloat, [&] {
+        partial_launch<scalar_t>(W, plan_centers<scalar_t>(stats, d, total_rows).to(W.device()), out);
+      }));
+  return out;
+}
+
 }  // namespace
 }  // namespace refframe::cuda
 
 TORCH_LIBRARY_IMPL(refframe, CUDA, m) {
   m.impl("center_syrk", &refframe::cuda::center_syrk_cuda);
+  m.impl("center_stats", &refframe::cuda::center_stats_cuda);
+  m.impl("center_row_runs", &refframe::cuda::center_row_runs_cuda);
+  m.impl("center_syrk_partial", &refframe::cuda::center_syrk_partial_cuda);
 }

@@ -35,7 +35,7 @@ class Shard:
     size: int
     shares: partial.Shares
     backend: str  # "native" where every rank runs the native kernels on its share, else "torch"
-    same_kernels: bool  # every rank runs the same CPU kernel set (the exact bf16 set may then run)
+    same_kernels: bool  # every rank runs the same CPU kernel set (the exact bf16 set may then run; never with CUDA shares)
 
     @property
     def offset(self) -> int:
@@ -153,10 +153,13 @@ def ids_digest(ids: torch.Tensor | None) -> str:
 
 
 def _local_backend(W: torch.Tensor, backend: str) -> str:
-    """The backend this rank's share takes: native partial sums run on the CPU kernels only."""
-    if W.device.type != "cpu":
+    """The backend this rank's share takes: native where the library has partial-sum kernels for
+    W's device (CPU; CUDA) and covariance(W, backend) would run natively, else torch."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(W.device.type, "")
+    has = bool(key) and torch._C._dispatch_has_kernel_for_dispatch_key("refframe::center_syrk_partial", key)
+    if not has:
         if backend == "native":
-            raise BackendError(f"backend 'native' cannot run on {W.device.type} shards: the native partial sums run on the CPU; use backend 'torch'")
+            raise BackendError(f"backend 'native' has no partial-sum kernels for {W.device.type} shards; use backend 'torch'")
         return "torch"
     return "native" if backends.covariance_runs_native(W, backend) else "torch"
 
@@ -236,7 +239,7 @@ def shard_of(
     reports = [g[0] for g in gathered]
     shares = _check_reports(reports, [g[1] for g in gathered], op)
     agreed = "native" if all(r["backend"] == "native" for r in reports) else "torch"
-    same = len({r["kernel"] for r in reports}) == 1
+    same = len({r["kernel"] for r in reports}) == 1 and reports[0]["kernel"] != ""  # CUDA shares: ""
     return Shard(W[: shares.counts[rank]], group, rank, len(gathered), shares, agreed, same)
 
 
@@ -268,7 +271,7 @@ def covariance(
         stats = partial.combine_stats(gather_tensors(shard, mine, "combining the column statistics"))
         if not bool(torch.isfinite(stats[:2]).all()):
             _raise_nonfinite(shard, op)
-        tables = gather_objects(shard.group, shard.rank, partial.native_runs(W), "agreeing on runs of identical rows")
+        tables = gather_objects(shard.group, shard.rank, partial.native_runs(W).cpu(), "agreeing on runs of identical rows")
         runs = partial.select_runs(tables, shard.shares)[shard.rank]
         sums = partial.native_partial(W, stats, runs, shard.offset, shard.total, exact)
         release()

@@ -4,10 +4,11 @@ A share is one process's rows [offset, offset + n) of a whole of N rows (shares 
 empty ones allowed). Each share gives partial sums; the shares' sums, combined in share order, give
 every process the same finish, the same numbers one process would compute:
 
-- native (the CPU kernels, csrc/cpu/center_syrk.cpp): column statistics (fp64 sums and sums of
-  squares, largest |x|, sampled grids), runs of identical rows, then the fp64 triangle of the
-  share's products around the centres the combined statistics fix; blocks and fp32 runs are
-  aligned to the whole's rows, so rows are summed as one process sums them;
+- native (the CPU kernels, csrc/cpu/center_syrk.cpp; on CUDA csrc/cuda/center_syrk.cu, with the
+  CPU fp32 sets' plan, exact=False): column statistics (fp64 sums and sums of squares, largest
+  |x|, sampled grids), runs of identical rows, then the fp64 triangle of the share's products
+  around the centres the combined statistics fix; on the CPU, blocks and fp32 runs are aligned to
+  the whole's rows, so rows are summed as one process sums them;
 - torch (chunked.py): fp64 column sums, then the fp64 triangle of the share's rows around the exact
   mean.
 
@@ -123,8 +124,9 @@ def native_partial(
 def native_finish(
     sums: torch.Tensor, stats: torch.Tensor, total: int, dtype: torch.dtype, exact: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole's fp64 mean and fp32 covariance from its combined statistics and triangle."""
-    return torch.ops.refframe.center_syrk_finish(sums, stats, total, dtype, exact)
+    """The whole's fp64 mean and fp32 covariance from its combined statistics and triangle (on the
+    CPU, wherever the shares' sums were computed)."""
+    return torch.ops.refframe.center_syrk_finish(sums.cpu(), stats.cpu(), total, dtype, exact)
 
 
 def native_covariance_of_shares(
