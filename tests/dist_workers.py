@@ -147,13 +147,24 @@ def dtensor_on_columns(rank: int, k: int) -> None:
 
 
 def faulty_build(rank: int, k: int, fault: str) -> None:
-    """A build where rank 1 has a bad input (nan, ids, columns) or dies mid-build (die)."""
+    """A build where rank 1 has a bad input or dies mid-build (die), or rank 0's eigh fails."""
     import refframe
-    from refframe import partial
+    from refframe import build, partial
 
     W = make_matrix(dtype=torch.float32)
     mine, _ = share(W, rank, [4500])
     ids = IDS
+    if rank == 1 and fault == "float ids":
+        ids = IDS.double()
+    if fault == "clusters":  # the same ids, split into clusters differently
+        clusters = {"a": torch.tensor([1, 2]), "b": torch.tensor([5000])} if rank == 0 else {
+            "a": torch.tensor([1]), "b": torch.tensor([2, 5000])}
+        refframe.build_frames(mine, clusters, group=dist.group.WORLD)
+    if fault == "offset":
+        mine = mine[:0] if rank == 1 else W
+        refframe.build_frame(mine, ids, group=dist.group.WORLD, row_offset=0 if rank == 0 else 10**6)
+    if rank == 0 and fault == "eigh":
+        build._eigh = lambda *a: (_ for _ in ()).throw(torch.linalg.LinAlgError("failed to converge"))
     if rank == 1 and fault == "nan":
         mine = mine.clone()
         mine[10, 3] = float("nan")

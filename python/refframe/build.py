@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import _native, ops, tensorfile
+from . import _native, errors, ops, tensorfile
 from .atomic import atomic_write_files
 from .cache import PCACache, cache_disabled_by_env, numerics_tag
 from .checks import check_ids, check_w, nonfinite_error
@@ -470,11 +470,20 @@ def _sharded_eigh(
     """The eigendecomposition on rank 0, broadcast to every rank."""
     from . import distributed
 
+    distributed.use_device(shard)
     t0 = time.perf_counter()
     d = cov.shape[0]
     evals, evecs = torch.empty(d), torch.empty(d, d)
+    failure = None
     if shard.rank == 0:
-        evals, evecs = _eigh(cov, torch.device("cpu"), eigh_dtype)
+        try:
+            evals, evecs = _eigh(cov, torch.device("cpu"), eigh_dtype)
+        except (RuntimeError, MemoryError) as exc:  # every rank learns of it, none waits for the eigenpairs
+            err = _compute_error(exc, "W", "computing the eigendecomposition")
+            failure = (type(err).__name__, str(err))
+    word = distributed.gather_objects(shard.group, shard.rank, failure, "sharing the eigendecomposition")[0]
+    if word is not None:
+        raise getattr(errors, word[0], NumericalError)(f"rank 0: {word[1]}")
     evals = distributed.broadcast(shard, evals, "sharing the eigendecomposition")
     evecs = distributed.broadcast(shard, evecs, "sharing the eigendecomposition")
     timings["eigh"] = time.perf_counter() - t0
@@ -565,12 +574,16 @@ def _sharded_build(
     """build_sharded after the ranks have exchanged their inputs; ids checked against the whole."""
     from . import distributed
 
-    named = {k: check_ids(v, 2**62, f"cluster {k!r}") for k, v in _named(clusters).items()}
-    if not named:
-        raise ClusterIdsError("clusters: no cluster given (pass {name: ids} with at least one entry)")
-    every_id = torch.cat(list(named.values()))
+    named: dict[str, torch.Tensor] = {}
+
+    def checks() -> tuple:  # run with the ranks' exchange of their inputs; the same on every rank
+        named.update({k: check_ids(v, 2**62, f"cluster {k!r}") for k, v in _named(clusters).items()})
+        if not named:
+            raise ClusterIdsError("clusters: no cluster given (pass {name: ids} with at least one entry)")
+        return tuple(x for k, v in named.items() for x in (k, v))
+
     shard = distributed.shard_of(
-        W, group, row_offset=row_offset, n_rows=n_rows, op=name, backend=options.backend, ids=every_id
+        W, group, row_offset=row_offset, n_rows=n_rows, op=name, backend=options.backend, checks=checks
     )
     named = {k: check_ids(v, shard.total, f"cluster {k!r}", warn_duplicates=True) for k, v in named.items()}
     return build_sharded(shard, named, options, name=name, w_hash=w_hash)

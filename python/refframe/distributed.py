@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import _native, backends, chunked, partial
+from . import _native, backends, chunked, errors, partial
 from .checks import check_w
 from .errors import BackendError, DistributedError, InputError, NonFiniteError, RefframeError
 
@@ -36,6 +36,7 @@ class Shard:
     shares: partial.Shares
     backend: str  # "native" where every rank runs the native kernels on its share, else "torch"
     same_kernels: bool  # every rank runs the same CPU kernel set (the exact bf16 set may then run; never with CUDA shares)
+    device: torch.device  # where the group's collectives take tensors (captured on the calling thread)
 
     @property
     def offset(self) -> int:
@@ -53,7 +54,7 @@ def _lost(stage: str, rank: int, exc: BaseException) -> DistributedError:
     text = str(exc).strip().splitlines()
     first = text[0] if text else type(exc).__name__
     return DistributedError(
-        f"rank {rank}: lost contact with the other ranks while {stage} (a rank failed or exited, or the "
+        f"rank {dist.get_rank() if dist.is_initialized() else rank}: lost contact with the other ranks while {stage} (a rank failed or exited, or the "
         f"collective timed out): {first}"
     )
 
@@ -68,10 +69,18 @@ def _collective(stage: str, rank: int, fn: Callable[[], Any]) -> Any:
 
 
 def _comm_device(group: Any) -> torch.device:
-    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    """Where the group's collectives take tensors: the calling thread's current CUDA device for
+    NCCL, else the CPU."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def use_device(shard: Shard) -> None:
+    """Makes shard.device current in this thread (a worker thread starts on cuda:0), so that the
+    collectives that pick the current CUDA device (all_gather_object) use the rank's own."""
+    if shard.device.type == "cuda":
+        torch.cuda.set_device(shard.device)
 
 
 def gather_objects(shard_group: Any, rank: int, obj: object, stage: str) -> list[Any]:
@@ -83,8 +92,7 @@ def gather_objects(shard_group: Any, rank: int, obj: object, stage: str) -> list
 
 def gather_tensors(shard: Shard, t: torch.Tensor, stage: str) -> list[torch.Tensor]:
     """Every rank's t (same shape and dtype on every rank), on the CPU, in rank order."""
-    dev = _comm_device(shard.group)
-    src = t.to(dev).contiguous()
+    src = t.to(shard.device).contiguous()
     out = [torch.empty_like(src) for _ in range(shard.size)]
     _collective(stage, shard.rank, lambda: dist.all_gather(out, src, group=shard.group))
     return [o.cpu() for o in out]
@@ -97,7 +105,7 @@ def sum_in_rank_order(shard: Shard, t: torch.Tensor, stage: str) -> torch.Tensor
     k = shard.size
     if k == 1:
         return t.clone()
-    dev = _comm_device(shard.group)
+    dev = shard.device
     step = -(-t.numel() // k)
     send = torch.zeros(step * k, dtype=t.dtype, device=dev)
     send[: t.numel()] = t.to(dev)
@@ -111,7 +119,7 @@ def sum_in_rank_order(shard: Shard, t: torch.Tensor, stage: str) -> torch.Tensor
 
 def broadcast(shard: Shard, t: torch.Tensor, stage: str) -> torch.Tensor:
     """Rank 0's t (every rank passes a tensor of the same shape and dtype), on the CPU."""
-    buf = t.to(_comm_device(shard.group)).contiguous()
+    buf = t.to(shard.device).contiguous()
     src = dist.get_global_rank(shard.group, 0) if shard.group is not None else 0
     _collective(stage, shard.rank, lambda: dist.broadcast(buf, src=src, group=shard.group))
     return buf.cpu()
@@ -145,11 +153,19 @@ def _is_dtensor(W: object) -> bool:
     return isinstance(W, DTensor)
 
 
-def ids_digest(ids: torch.Tensor | None) -> str:
-    """A digest of ids, so that ranks can check they were given the same ones."""
-    if ids is None:
-        return ""
-    return hashlib.sha256(ids.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+def digest(values: tuple) -> str:
+    """A digest of tensors and strings (cluster names, ids, offsets), so that ranks can check they
+    were given the same ones."""
+    h = hashlib.sha256()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().to("cpu").contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def _local_backend(W: torch.Tensor, backend: str) -> str:
@@ -164,11 +180,16 @@ def _local_backend(W: torch.Tensor, backend: str) -> str:
     return "native" if backends.covariance_runs_native(W, backend) else "torch"
 
 
-def _local_report(W: torch.Tensor, n_rows: int | None, op: str, backend: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """What a rank tells the others before any work: its rows, d, dtype, backend, kernel set and
-    any error."""
-    report: dict[str, Any] = {"error": None, **extra}
+def _local_report(
+    W: torch.Tensor, n_rows: int | None, op: str, backend: str, checks: Callable[[], tuple] | None
+) -> dict[str, Any]:
+    """What a rank tells the others before any work: its rows, d, dtype, backend, kernel set, a
+    digest of what every rank must hold the same of, and any error (checks(): the caller's own
+    checks of its other inputs, run here so that their error reaches every rank; it returns what
+    must be the same on every rank)."""
+    report: dict[str, Any] = {"error": None, "rank": dist.get_rank()}
     try:
+        report["same"] = digest(checks() if checks is not None else ())
         check_w(W, min_rows=0, op=op)
         n = W.shape[0] if n_rows is None else int(n_rows)
         if not 0 <= n <= W.shape[0]:
@@ -176,19 +197,24 @@ def _local_report(W: torch.Tensor, n_rows: int | None, op: str, backend: str, ex
         report.update(n=n, d=int(W.shape[1]), dtype=str(W.dtype).removeprefix("torch."))
         report.update(backend=_local_backend(W, backend), kernel=_native.cpu_kernel() if W.device.type == "cpu" else "")
     except RefframeError as exc:
-        report["error"] = str(exc)
+        report["error"] = (type(exc).__name__, str(exc))
+    except Exception as exc:  # any failure must reach the other ranks, or they would wait for this one
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        report["error"] = ("InputError", text if text.startswith(f"{op}:") else f"{op}: {text}")
     return report
 
 
 def _check_reports(reports: list[dict[str, Any]], offsets: list[int | None], op: str) -> partial.Shares:
     """The shares from every rank's report, or the same one-line InputError on every rank."""
-    for r, rep in enumerate(reports):
+    for rep in reports:
         if rep["error"] is not None:
-            raise InputError(f"rank {r}: {rep['error']}")
-    for key, what in (("d", "W's number of columns"), ("dtype", "W's dtype"), ("ids", "the cluster ids")):
+            kind, message = rep["error"]
+            raise getattr(errors, kind, InputError)(f"rank {rep['rank']}: {message}")
+    for key, what in (("d", "W's number of columns"), ("dtype", "W's dtype"), ("same", "the cluster ids (or names, or offsets)")):
         values = [rep.get(key) for rep in reports]
         if len(set(values)) > 1:
-            raise InputError(f"{op}: {what} differs between ranks: {', '.join(f'rank {r}: {v}' for r, v in enumerate(values))}")
+            shown = ", ".join(f"rank {rep['rank']}: {v}" for rep, v in zip(reports, values)) if key != "same" else "they are not all equal"
+            raise InputError(f"{op}: {what} differs between ranks: {shown}")
     counts = [rep["n"] for rep in reports]
     if all(o is None for o in offsets):
         shares = partial.Shares.of_counts(counts)
@@ -196,6 +222,9 @@ def _check_reports(reports: list[dict[str, Any]], offsets: list[int | None], op:
         raise InputError(f"{op}: row_offset must be given on every rank or on none")
     else:
         shares = partial.Shares(tuple(int(o) for o in offsets), tuple(counts))
+        for rep, o in zip(reports, shares.offsets):
+            if not 0 <= o <= shares.total:
+                raise InputError(f"{op}: rank {rep['rank']}'s row_offset {o} lies outside the whole's {shares.total} rows")
         order = sorted(range(len(counts)), key=lambda r: shares.offsets[r])
         at = 0
         for r in order:
@@ -220,12 +249,15 @@ def shard_of(
     n_rows: int | None = None,
     op: str = "covariance",
     backend: str = "auto",
-    ids: torch.Tensor | None = None,
+    checks: Callable[[], tuple] | None = None,
 ) -> Shard | None:
     """This rank's Shard of W, after every rank has checked its input and seen the others' (None: W
     is a plain tensor and no group was given, a single-process call). A DTensor W gives its own
-    group. ids (optional): the cluster ids every rank must hold the same of."""
+    group. checks(): the caller's checks of its other inputs, whose error becomes every rank's; it
+    returns what every rank must hold the same of (cluster names, ids, offsets)."""
     if _is_dtensor(W):
+        if group is not None:
+            raise InputError(f"{op}: a DTensor W carries its own process group; do not pass group=")
         W, group = _local_of_dtensor(W, op)
     elif group is None:
         if row_offset is not None or n_rows is not None:
@@ -234,13 +266,14 @@ def shard_of(
     if not dist.is_initialized():
         raise InputError(f"{op}: a group was given but torch.distributed is not initialised")
     rank = dist.get_rank(group)
-    report = _local_report(W, n_rows, op, backend, {"ids": ids_digest(ids)})
+    report = _local_report(W, n_rows, op, backend, checks)
     gathered = gather_objects(group, rank, (report, row_offset), f"checking the inputs of {op}")
     reports = [g[0] for g in gathered]
     shares = _check_reports(reports, [g[1] for g in gathered], op)
     agreed = "native" if all(r["backend"] == "native" for r in reports) else "torch"
-    same = len({r["kernel"] for r in reports}) == 1 and reports[0]["kernel"] != ""  # CUDA shares: ""
-    return Shard(W[: shares.counts[rank]], group, rank, len(gathered), shares, agreed, same)
+    same_kernels = len({r["kernel"] for r in reports}) == 1 and reports[0]["kernel"] != ""  # CUDA shares: ""
+    mine = W[: shares.counts[rank]]
+    return Shard(mine, group, rank, len(gathered), shares, agreed, same_kernels, _comm_device(group))
 
 
 # -- the ops ------------------------------------------------------------------------------------------
@@ -264,6 +297,7 @@ def covariance(
     partial sums where every rank runs them (shard.backend "native"), else chunked fp64 sums.
     release(): called once this rank's rows are summed, before the exchange of the sums."""
     release = release or (lambda: None)
+    use_device(shard)
     W = shard.W
     if shard.backend == "native":
         exact = shard.same_kernels

@@ -52,7 +52,7 @@ def covariance(
 
 
 def _shard(W: object, group: object, row_offset: int | None, n_rows: int | None, op: str, backend: str,
-           ids: torch.Tensor | None = None) -> object:
+           checks: object = None) -> object:
     """This rank's distributed.Shard where W is split between processes, else None (no
     torch.distributed import for a single-process call)."""
     if group is None and type(W).__name__ != "DTensor":
@@ -61,7 +61,7 @@ def _shard(W: object, group: object, row_offset: int | None, n_rows: int | None,
         return None
     from . import distributed
 
-    return distributed.shard_of(W, group, row_offset=row_offset, n_rows=n_rows, op=op, backend=backend, ids=ids)
+    return distributed.shard_of(W, group, row_offset=row_offset, n_rows=n_rows, op=op, backend=backend, checks=checks)
 
 
 def _device_ids(ids: object, W: torch.Tensor, op: str, *, allow_empty: bool = False) -> torch.Tensor:
@@ -84,9 +84,7 @@ def gather_mean(
     """Mean of the rows W[ids] as fp32 (d,); the native path accumulates in fp64 without copying rows.
     With a group (or a DTensor W), ids are rows of the whole W, the same on every rank (covariance)."""
     if group is not None or type(W).__name__ == "DTensor":
-        ids64 = check_ids(ids, 2**62, "gather_mean: ids")  # type and shape; the range once N is known
-        offsets = torch.tensor([0, ids64.numel()], dtype=torch.int64)
-        return _sharded_segment_mean(W, ids64, offsets, backend, group, row_offset, n_rows, "gather_mean")[0]
+        return _sharded_segment_mean(W, ids, None, backend, group, row_offset, n_rows, "gather_mean")[0]
     ids = _device_ids(ids, W, "gather_mean")
     if resolve_backend(backend, W.device) == "native":
         return torch.ops.refframe.gather_mean(W, ids)
@@ -106,8 +104,7 @@ def segment_mean(
     """Means of K row segments W[ids[offsets[k]:offsets[k+1]]] as fp32 (K, d), in one pass. With a
     group (or a DTensor W), ids are rows of the whole W, the same on every rank (covariance)."""
     if group is not None or type(W).__name__ == "DTensor":
-        ids64 = check_ids(ids, 2**62, "segment_mean: ids", allow_empty=True)
-        return _sharded_segment_mean(W, ids64, offsets, backend, group, row_offset, n_rows, "segment_mean")
+        return _sharded_segment_mean(W, ids, offsets, backend, group, row_offset, n_rows, "segment_mean")
     ids = _device_ids(ids, W, "segment_mean", allow_empty=True)  # the offsets say what is empty
     if resolve_backend(backend, W.device) == "native":
         if W.device.type != "cpu":
@@ -118,22 +115,30 @@ def segment_mean(
 
 def _sharded_segment_mean(
     W: object,
-    ids: torch.Tensor,
-    offsets: torch.Tensor,
+    ids: object,
+    offsets: torch.Tensor | None,
     backend: str,
     group: object,
     row_offset: int | None,
     n_rows: int | None,
     op: str,
 ) -> torch.Tensor:
-    """segment_mean of a W split between ranks; ids (the same on every rank) checked against the
-    whole's rows once the ranks have told each other their rows."""
+    """segment_mean of a W split between ranks (offsets None: one segment of every id). ids and
+    offsets are checked with the ranks' other inputs (an error on one rank is every rank's) and
+    must be the same on every rank; ids are checked against the whole's rows once it is known."""
     from . import distributed
 
-    shard = _shard(W, group, row_offset, n_rows, op, backend, ids=ids)
-    check_ids(ids, shard.total, f"{op}: ids", allow_empty=True)
-    check_offsets(offsets, ids.numel())
-    return distributed.segment_mean(shard, ids, offsets)
+    got: dict[str, torch.Tensor] = {}
+
+    def checks() -> tuple:
+        got["ids"] = check_ids(ids, 2**62, f"{op}: ids", allow_empty=offsets is not None)
+        got["offsets"] = torch.tensor([0, got["ids"].numel()]) if offsets is None else offsets
+        check_offsets(got["offsets"], got["ids"].numel())
+        return got["ids"], got["offsets"]
+
+    shard = _shard(W, group, row_offset, n_rows, op, backend, checks=checks)
+    check_ids(got["ids"], shard.total, f"{op}: ids", allow_empty=True)
+    return distributed.segment_mean(shard, got["ids"], got["offsets"])
 
 
 def project(

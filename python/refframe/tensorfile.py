@@ -236,7 +236,7 @@ def hash_tensor(
     flat = t.detach().cpu().contiguous().reshape(-1)
     raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
     buf = raw.numpy()
-    drop_pages = drop_pages and t.device.type == "cpu" and t.is_contiguous()  # t's own pages, no copy
+    drop_pages = drop_pages and t.device.type == "cpu" and t.is_contiguous() and file_mapped(t)
     for i in range(0, buf.size, chunk_bytes):
         h.update(buf[i : i + chunk_bytes])
         if drop_pages:
@@ -249,11 +249,33 @@ def hash_tensor(
 _MADV_DONTNEED = 4  # Linux
 
 
+def file_mapped(t: torch.Tensor) -> bool:
+    """Whether t's bytes lie in one memory mapping of a file (Linux: /proc/self/maps), not in
+    anonymous memory (an aligned copy of a misaligned tensor, a tensor read into memory)."""
+    if not sys.platform.startswith("linux") or t.numel() == 0 or t.device.type != "cpu":
+        return False
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start < hi:
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    return end <= hi and fields[4] != "0" and path.startswith("/")  # inode: a file
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def release_pages(t: torch.Tensor) -> bool:
     """Let the kernel drop the pages of a view of a read-only memory-mapped file that lie wholly in
     t's bytes (madvise MADV_DONTNEED; Linux only, elsewhere nothing happens): they stop counting in
-    the process's memory and are read from the file again if t is used again. True if done."""
-    if not sys.platform.startswith("linux") or t.numel() == 0 or not t.is_contiguous():
+    the process's memory and are read from the file again if t is used again. Only a view of a
+    file mapping is touched (file_mapped): dropped pages of anonymous memory would read as zeros.
+    True if done."""
+    if not sys.platform.startswith("linux") or t.numel() == 0 or not t.is_contiguous() or not file_mapped(t):
         return False
     page = mmap.PAGESIZE
     start = t.data_ptr()

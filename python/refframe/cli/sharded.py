@@ -31,11 +31,18 @@ from .console import say
 EIGH_DTYPES = {name: getattr(torch, name) for name in EIGH_DTYPE_NAMES}
 
 
+def _device(args: argparse.Namespace) -> torch.device:
+    """Where this rank's rows are summed: its GPU (LOCAL_RANK) with --device cuda, or auto where
+    CUDA is available; else the CPU."""
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def _backend(args: argparse.Namespace) -> str:
     if args.dist_backend:
         return args.dist_backend
-    wants_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    return "nccl" if wants_cuda else "gloo"
+    return "nccl" if _device(args).type == "cuda" else "gloo"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,30 +104,39 @@ def _run_job(job: Job, args: argparse.Namespace, rank: int, size: int) -> None:
     step = -(-n // size)
     r0, r1 = min(n, rank * step), min(n, (rank + 1) * step)
     mine = W[r0:r1]
+    dev = _device(args)
+    if dev.type == "cuda":  # this rank's rows on its GPU; the file's pages can go at once
+        mine, host = mine.to(dev), mine
+        tensorfile.release_pages(host)
     progress = Progress() if rank == 0 else QUIET
-    w_hash, t0 = "", time.perf_counter()
     if rank == 0:
         _report_inputs(job, W)
-        with progress.stage("hashing W"):
-            w_hash = tensorfile.hash_tensor(W, drop_pages=True)
-    t_hash = time.perf_counter() - t0
-    every_id = torch.cat(list(job.clusters.values()))
-    shard = distributed.shard_of(mine, dist.group.WORLD, row_offset=r0, op=job.w_name, backend=args.backend, ids=every_id)
+
+    def same() -> tuple:
+        return tuple(x for k, v in job.clusters.items() for x in (k, v))
+
+    shard = distributed.shard_of(mine, dist.group.WORLD, row_offset=r0, op=job.w_name, backend=args.backend, checks=same)
     options = Options(args.backend, args.device, EIGH_DTYPES[args.eigh_dtype], args.force)
     res = build_sharded(
         shard,
         job.clusters,
         options,
         name=job.w_name,
-        w_hash=w_hash,
         release=lambda: tensorfile.release_pages(mine),
         progress=progress,
         log=say if rank == 0 else None,
     )
+    t_hash = 0.0
+    if rank == 0:  # the whole file's hash, as one process records it; its pages let go as it goes
+        t0 = time.perf_counter()
+        with progress.stage("hashing W"):
+            res.w_hash = tensorfile.hash_tensor(W, drop_pages=True)
+        t_hash = time.perf_counter() - t0
     problem = None
     if rank == 0:
         for cname, fr in res.frames.items():
-            fr.metadata.update(w_source=job.w_name, cluster=cname, cluster_source=job.cluster_sources.get(cname, ""))
+            fr.metadata.update(w_hash=res.w_hash, pca_cache="off", w_source=job.w_name, cluster=cname)
+            fr.metadata["cluster_source"] = job.cluster_sources.get(cname, "")
         _report_frames(res.frames)
         try:
             t0 = time.perf_counter()
