@@ -34,7 +34,7 @@ def covariance(
     sums their products in fp64 through torch's BLAS. See covariance_backend for "auto".
 
     group (a torch.distributed process group; or W a DTensor sharded on dim 0): W holds this rank's
-    rows of the whole, ranks in order; every rank gets the whole's mean and covariance
+    rows of the whole, ranks in order; every rank gets the whole's mean and covariance, on the CPU
     (docs/distributed.md). row_offset: where this rank's rows start in the whole (default: after
     the previous ranks'); n_rows: how many of W's rows are real (the rest, at the end, are padding).
     """
