@@ -103,7 +103,9 @@ def cli_rank() -> int:
 
     code = cli_main(sys.argv[2:])
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
-    print(f"peak-rss rank {os.environ.get('RANK')} {peak_rss_bytes() / 1e9:.3f} {maxrss:.3f}", file=sys.stderr)
+    print(
+        f"peak-rss rank {os.environ.get('RANK')} {peak_rss_bytes() / 1e9:.3f} {maxrss:.3f}", file=sys.stderr
+    )
     return code
 
 
@@ -111,9 +113,24 @@ def cli_rss(k: int, path: str, ids_path: str) -> dict:
     """Each rank's peak RSS (GB: VmHWM, ru_maxrss) in `torchrun ... refframe build` with k ranks, and
     the command's wall time."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}",
-               __file__, "--cli-rank", "build", "--W", path, "--cluster", ids_path,
-               "--out", str(Path(tmp) / "f.safetensors"), "--no-cache", "--no-fsync"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={k}",
+            __file__,
+            "--cli-rank",
+            "build",
+            "--W",
+            path,
+            "--cluster",
+            ids_path,
+            "--out",
+            str(Path(tmp) / "f.safetensors"),
+            "--no-cache",
+            "--no-fsync",
+        ]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, env={**os.environ, **LOOPBACK}, check=True, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -153,7 +170,7 @@ def main() -> int:
         single_run(args.ranks, path)  # warms the page cache
         singles, shardeds = [], []
         for rep in range(args.reps):
-            for which in (("single", "sharded") if rep % 2 == 0 else ("sharded", "single")):
+            for which in ("single", "sharded") if rep % 2 == 0 else ("sharded", "single"):
                 if which == "single":
                     singles.append(single_run(args.ranks, path))
                 else:

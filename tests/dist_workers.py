@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
-def launch(fn: Callable[..., Any], k: int, *args: Any, timeout: float = 180.0) -> tuple[dict[int, Any], list[int]]:
+def launch(
+    fn: Callable[..., Any], k: int, *args: Any, timeout: float = 180.0
+) -> tuple[dict[int, Any], list[int]]:
     """Runs fn(rank, k, *args) on k ranks; returns {rank: ("ok", value) or ("error", (type, message))}
     for the ranks that reported, and every rank's exit code."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +69,10 @@ def make_matrix(n: int = 9000, d: int = 48, dtype: torch.dtype = torch.bfloat16)
     """The W every rank derives the same way: far from zero, with a run of identical rows across a
     4,096-row boundary and zero rows at the end."""
     g = torch.Generator().manual_seed(11)
-    W = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.02 + torch.randn(d, generator=g, dtype=torch.float64) * 0.06
+    W = (
+        torch.randn(n, d, generator=g, dtype=torch.float64) * 0.02
+        + torch.randn(d, generator=g, dtype=torch.float64) * 0.06
+    )
     W[4000:4200] = W[3999]
     W[-200:] = 0
     return W.to(dtype)
@@ -82,7 +87,9 @@ def share(W: torch.Tensor, rank: int, cuts: list[int]) -> tuple[torch.Tensor, in
     return W[b[rank] : b[rank + 1]], b[rank]
 
 
-def frame_of_share(rank: int, k: int, cuts: list[int], dtype: torch.dtype, backend: str) -> dict[str, torch.Tensor]:
+def frame_of_share(
+    rank: int, k: int, cuts: list[int], dtype: torch.dtype, backend: str
+) -> dict[str, torch.Tensor]:
     """covariance, gather_mean and build_frame of this rank's rows."""
     import refframe
 
@@ -157,8 +164,11 @@ def faulty_build(rank: int, k: int, fault: str) -> None:
     if rank == 1 and fault == "float ids":
         ids = IDS.double()
     if fault == "clusters":  # the same ids, split into clusters differently
-        clusters = {"a": torch.tensor([1, 2]), "b": torch.tensor([5000])} if rank == 0 else {
-            "a": torch.tensor([1]), "b": torch.tensor([2, 5000])}
+        clusters = (
+            {"a": torch.tensor([1, 2]), "b": torch.tensor([5000])}
+            if rank == 0
+            else {"a": torch.tensor([1]), "b": torch.tensor([2, 5000])}
+        )
         refframe.build_frames(mine, clusters, group=dist.group.WORLD)
     if fault == "offset":
         mine = mine[:0] if rank == 1 else W

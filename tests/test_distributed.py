@@ -39,8 +39,13 @@ def one_process(W: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
         frame = refframe.build_frame(W, dw.IDS, backend=backend)
     finally:
         torch.set_num_threads(threads)
-    return {"mean": mean, "cov": cov, "eigenvalues": frame.eigenvalues, "eigenvectors": frame.eigenvectors,
-            "centroid": frame.centroid}
+    return {
+        "mean": mean,
+        "cov": cov,
+        "eigenvalues": frame.eigenvalues,
+        "eigenvectors": frame.eigenvectors,
+        "centroid": frame.centroid,
+    }
 
 
 def ok_results(results: dict, k: int) -> list[dict]:
@@ -67,7 +72,9 @@ def test_api_ranks_agree_with_one_process(backend, cuts):
     torch.testing.assert_close(got["centroid"], W[dw.IDS].double().mean(0).float(), rtol=0, atol=1e-7)
     assert torch.equal(got["centroid"], got["frame_centroid"])
     assert torch.equal(got["frames_centroids"][0], got["centroid"])  # build_frames: one PCA, two clusters
-    torch.testing.assert_close(got["frames_centroids"][1], W[dw.IDS_B].double().mean(0).float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        got["frames_centroids"][1], W[dw.IDS_B].double().mean(0).float(), rtol=0, atol=1e-7
+    )
     assert torch.equal(got["frames_eigenvalues"], got["eigenvalues"])
     assert torch.allclose(got["mean"], ref["mean"], rtol=0, atol=1e-7)
     if cuts == [4096] and backend == "native":  # shares on 4,096-row boundaries: one process's bits
@@ -159,7 +166,16 @@ def loopback_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(k: int, *args: str, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", "-m", "refframe", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={k}",
+        "-m",
+        "refframe",
+        *args,
+    ]
     return subprocess.run(cmd, env=loopback_env(), capture_output=True, text=True, timeout=240, **kw)
 
 
@@ -168,7 +184,10 @@ def test_cli_under_torchrun_writes_one_process_frame(model_dir, tmp_path):
     sharded = tmp_path / "sharded.safetensors"
     one = subprocess.run(
         [sys.executable, "-m", "refframe", "build", "--model-dir", str(model_dir), "--out", str(single)],
-        env=loopback_env(), capture_output=True, text=True, timeout=240,
+        env=loopback_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert one.returncode == 0, one.stderr
     run = torchrun(2, "build", "--model-dir", str(model_dir), "--out", str(sharded))
@@ -193,9 +212,21 @@ def test_cli_missing_file_on_one_rank_fails_every_rank(model_dir, tmp_path):
     for rank in range(2):
         w = model_dir / ("W.safetensors" if rank == 0 else "missing.safetensors")
         env = loopback_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_PORT=port)
-        cmd = [sys.executable, "-m", "refframe", "build", "--W", str(w), "--cluster",
-               str(model_dir / "1.4h_cluster_tokens.safetensors"), "--out", str(tmp_path / "f.safetensors")]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "refframe",
+            "build",
+            "--W",
+            str(w),
+            "--cluster",
+            str(model_dir / "1.4h_cluster_tokens.safetensors"),
+            "--out",
+            str(tmp_path / "f.safetensors"),
+        ]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 1
@@ -210,8 +241,22 @@ def test_cli_sigterm_mid_build_writes_nothing(tmp_path):
     save_file({"W": torch.randn(200_000, 384).to(torch.bfloat16)}, d / "W.safetensors")
     save_file({"cluster_token_ids": torch.arange(100)}, d / "1.4h_cluster_tokens.safetensors")
     out = tmp_path / "f.safetensors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "refframe",
-           "build", "--model-dir", str(d), "--out", str(out), "--backend", "torch"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "refframe",
+        "build",
+        "--model-dir",
+        str(d),
+        "--out",
+        str(out),
+        "--backend",
+        "torch",
+    ]
     p = subprocess.Popen(cmd, env=loopback_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert p.stdout is not None
     for line in p.stdout:
@@ -234,7 +279,9 @@ def write_safetensors(path: Path, W: torch.Tensor, misalign: bool) -> None:
     import struct
 
     raw = W.contiguous().view(torch.uint8).numpy().tobytes()
-    header = json.dumps({"W": {"dtype": "BF16", "shape": list(W.shape), "data_offsets": [0, len(raw)]}}).encode()
+    header = json.dumps(
+        {"W": {"dtype": "BF16", "shape": list(W.shape), "data_offsets": [0, len(raw)]}}
+    ).encode()
     header += b" " * ((-len(header)) % 8 + (1 if misalign else 0))
     path.write_bytes(struct.pack("<Q", len(header)) + header + raw)
 

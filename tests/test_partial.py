@@ -118,11 +118,31 @@ def test_empty_share_gives_zero_sums():
     "op, args, message",
     [
         ("center_stats", lambda W, s: (W, 90, 100, True), "do not lie in a whole of 100 rows"),
-        ("center_syrk_partial", lambda W, s: (W, s[:, :3], torch.zeros(0, 3, dtype=torch.long), 0, 100, True), "stats must be float64 of shape"),
-        ("center_syrk_partial", lambda W, s: (W, s, torch.tensor([[5, 3, 0]]), 0, 100, True), "runs must be ordered, disjoint ranges"),
-        ("center_syrk_partial", lambda W, s: (W, s, torch.tensor([[0, 9, 0]]), 0, 100, True), "holds different rows"),
-        ("center_syrk_finish", lambda W, s: (torch.zeros(7, dtype=torch.float64), s, 100, torch.float32, True), "sums must be float64 of shape"),
-        ("center_syrk_finish", lambda W, s: (torch.zeros(45, dtype=torch.float64), s, 100, torch.int32, True), "dtype must be"),
+        (
+            "center_syrk_partial",
+            lambda W, s: (W, s[:, :3], torch.zeros(0, 3, dtype=torch.long), 0, 100, True),
+            "stats must be float64 of shape",
+        ),
+        (
+            "center_syrk_partial",
+            lambda W, s: (W, s, torch.tensor([[5, 3, 0]]), 0, 100, True),
+            "runs must be ordered, disjoint ranges",
+        ),
+        (
+            "center_syrk_partial",
+            lambda W, s: (W, s, torch.tensor([[0, 9, 0]]), 0, 100, True),
+            "holds different rows",
+        ),
+        (
+            "center_syrk_finish",
+            lambda W, s: (torch.zeros(7, dtype=torch.float64), s, 100, torch.float32, True),
+            "sums must be float64 of shape",
+        ),
+        (
+            "center_syrk_finish",
+            lambda W, s: (torch.zeros(45, dtype=torch.float64), s, 100, torch.int32, True),
+            "dtype must be",
+        ),
     ],
 )
 def test_partial_ops_reject_bad_arguments(op, args, message):

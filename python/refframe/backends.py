@@ -41,11 +41,18 @@ def covariance_backend(W: torch.Tensor, backend: str, device: torch.device | Non
     backend="native" where it cannot run is a BackendError."""
     dev = W.device if device is None else device
     if resolve_backend(backend, dev) == "torch":
-        return "torch", "backend torch requested" if backend == "torch" else str(_native.unavailable_reason(dev))
+        return "torch", "backend torch requested" if backend == "torch" else str(
+            _native.unavailable_reason(dev)
+        )
     if W.dtype not in NATIVE_DTYPES:
         if backend == "native":
-            raise BackendError(f"backend 'native' cannot run covariance: it reads bfloat16, float16 or float32, not {W.dtype}")
-        return "torch", f"the native kernels read bfloat16, float16 or float32, not {str(W.dtype).removeprefix('torch.')}"
+            raise BackendError(
+                f"backend 'native' cannot run covariance: it reads bfloat16, float16 or float32, not {W.dtype}"
+            )
+        return (
+            "torch",
+            f"the native kernels read bfloat16, float16 or float32, not {str(W.dtype).removeprefix('torch.')}",
+        )
     kernel = _native.cpu_kernel() if dev.type == "cpu" else ""
     if backend == "auto" and kernel in SLOW_COVARIANCE_KERNELS:
         return "torch", f"the {kernel} kernel set is slower than the BLAS here"
@@ -62,5 +69,3 @@ def covariance_path(W: torch.Tensor, backend: str, device: torch.device | None =
 def covariance_runs_native(W: torch.Tensor, backend: str) -> bool:
     """Whether covariance(W, backend=backend) runs the native kernel (covariance_backend)."""
     return covariance_backend(W, backend)[0] == "native"
-
-

@@ -135,7 +135,9 @@ def _local_of_dtensor(W: Any, op: str) -> tuple[torch.Tensor, Any]:
     from torch.distributed.tensor import Shard as DShard
 
     placements = list(W.placements)
-    sharded = [i for i, p in enumerate(placements) if isinstance(p, DShard) and type(p) is DShard and p.dim == 0]
+    sharded = [
+        i for i, p in enumerate(placements) if isinstance(p, DShard) and type(p) is DShard and p.dim == 0
+    ]
     others = [p for i, p in enumerate(placements) if i not in sharded]
     if len(sharded) != 1 or not all(isinstance(p, Replicate) for p in others):
         raise InputError(
@@ -175,7 +177,9 @@ def _local_backend(W: torch.Tensor, backend: str) -> str:
     has = bool(key) and torch._C._dispatch_has_kernel_for_dispatch_key("refframe::center_syrk_partial", key)
     if not has:
         if backend == "native":
-            raise BackendError(f"backend 'native' has no partial-sum kernels for {W.device.type} shards; use backend 'torch'")
+            raise BackendError(
+                f"backend 'native' has no partial-sum kernels for {W.device.type} shards; use backend 'torch'"
+            )
         return "torch"
     return "native" if backends.covariance_runs_native(W, backend) else "torch"
 
@@ -195,7 +199,9 @@ def _local_report(
         if not 0 <= n <= W.shape[0]:
             raise InputError(f"{op}: n_rows must be between 0 and W's {W.shape[0]} rows, got {n_rows}")
         report.update(n=n, d=int(W.shape[1]), dtype=str(W.dtype).removeprefix("torch."))
-        report.update(backend=_local_backend(W, backend), kernel=_native.cpu_kernel() if W.device.type == "cpu" else "")
+        report.update(
+            backend=_local_backend(W, backend), kernel=_native.cpu_kernel() if W.device.type == "cpu" else ""
+        )
     except RefframeError as exc:
         report["error"] = (type(exc).__name__, str(exc))
     except Exception as exc:  # any failure must reach the other ranks, or they would wait for this one
@@ -210,10 +216,18 @@ def _check_reports(reports: list[dict[str, Any]], offsets: list[int | None], op:
         if rep["error"] is not None:
             kind, message = rep["error"]
             raise getattr(errors, kind, InputError)(f"rank {rep['rank']}: {message}")
-    for key, what in (("d", "W's number of columns"), ("dtype", "W's dtype"), ("same", "the cluster ids (or names, or offsets)")):
+    for key, what in (
+        ("d", "W's number of columns"),
+        ("dtype", "W's dtype"),
+        ("same", "the cluster ids (or names, or offsets)"),
+    ):
         values = [rep.get(key) for rep in reports]
         if len(set(values)) > 1:
-            shown = ", ".join(f"rank {rep['rank']}: {v}" for rep, v in zip(reports, values)) if key != "same" else "they are not all equal"
+            shown = (
+                ", ".join(f"rank {rep['rank']}: {v}" for rep, v in zip(reports, values))
+                if key != "same"
+                else "they are not all equal"
+            )
             raise InputError(f"{op}: {what} differs between ranks: {shown}")
     counts = [rep["n"] for rep in reports]
     if all(o is None for o in offsets):
@@ -224,7 +238,9 @@ def _check_reports(reports: list[dict[str, Any]], offsets: list[int | None], op:
         shares = partial.Shares(tuple(int(o) for o in offsets), tuple(counts))
         for rep, o in zip(reports, shares.offsets):
             if not 0 <= o <= shares.total:
-                raise InputError(f"{op}: rank {rep['rank']}'s row_offset {o} lies outside the whole's {shares.total} rows")
+                raise InputError(
+                    f"{op}: rank {rep['rank']}'s row_offset {o} lies outside the whole's {shares.total} rows"
+                )
         order = sorted(range(len(counts)), key=lambda r: shares.offsets[r])
         at = 0
         for r in order:
@@ -284,10 +300,14 @@ def _raise_nonfinite(shard: Shard, op: str) -> None:
     from .checks import find_nonfinite
 
     count, first = find_nonfinite(shard.W)
-    found = gather_objects(shard.group, shard.rank, (count, first + shard.offset if first >= 0 else -1), "checking W")
+    found = gather_objects(
+        shard.group, shard.rank, (count, first + shard.offset if first >= 0 else -1), "checking W"
+    )
     total = sum(c for c, _ in found)
     rows = [f for c, f in found if c]
-    raise NonFiniteError(f"{op}: {total} NaN/Inf value(s) in W, first in row {min(rows)}; fix or drop those rows")
+    raise NonFiniteError(
+        f"{op}: {total} NaN/Inf value(s) in W, first in row {min(rows)}; fix or drop those rows"
+    )
 
 
 def covariance(
@@ -305,7 +325,9 @@ def covariance(
         stats = partial.combine_stats(gather_tensors(shard, mine, "combining the column statistics"))
         if not bool(torch.isfinite(stats[:2]).all()):
             _raise_nonfinite(shard, op)
-        tables = gather_objects(shard.group, shard.rank, partial.native_runs(W).cpu(), "agreeing on runs of identical rows")
+        tables = gather_objects(
+            shard.group, shard.rank, partial.native_runs(W).cpu(), "agreeing on runs of identical rows"
+        )
         runs = partial.select_runs(tables, shard.shares)[shard.rank]
         sums = partial.native_partial(W, stats, runs, shard.offset, shard.total, exact)
         release()

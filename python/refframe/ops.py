@@ -18,6 +18,7 @@ from .errors import BackendError, InputError
 # The choice of backend (backends.py), re-exported for the ops' callers.
 __all__ = ["NATIVE_DTYPES", "covariance_backend", "covariance_path", "resolve_backend"]
 
+
 def covariance(
     W: torch.Tensor,
     *,
@@ -51,8 +52,15 @@ def covariance(
     return chunked.covariance(W)
 
 
-def _shard(W: object, group: object, row_offset: int | None, n_rows: int | None, op: str, backend: str,
-           checks: object = None) -> object:
+def _shard(
+    W: object,
+    group: object,
+    row_offset: int | None,
+    n_rows: int | None,
+    op: str,
+    backend: str,
+    checks: object = None,
+) -> object:
     """This rank's distributed.Shard where W is split between processes, else None (no
     torch.distributed import for a single-process call)."""
     if group is None and type(W).__name__ != "DTensor":
@@ -61,7 +69,9 @@ def _shard(W: object, group: object, row_offset: int | None, n_rows: int | None,
         return None
     from . import distributed
 
-    return distributed.shard_of(W, group, row_offset=row_offset, n_rows=n_rows, op=op, backend=backend, checks=checks)
+    return distributed.shard_of(
+        W, group, row_offset=row_offset, n_rows=n_rows, op=op, backend=backend, checks=checks
+    )
 
 
 def _device_ids(ids: object, W: torch.Tensor, op: str, *, allow_empty: bool = False) -> torch.Tensor:
@@ -175,12 +185,21 @@ def _runs_native(op: str, W: torch.Tensor, backend: str) -> bool:
     C++ loops are slower than the platform's BLAS; backend="native" still runs them."""
     if resolve_backend(backend, W.device) != "native":
         return False
-    if backend == "auto" and op == "project" and W.device.type == "cpu" and _native.cpu_kernel() == "portable":
+    if (
+        backend == "auto"
+        and op == "project"
+        and W.device.type == "cpu"
+        and _native.cpu_kernel() == "portable"
+    ):
         return False
     if _native.has_op(op) and W.dtype in NATIVE_DTYPES:
         return True
     if backend == "native":
-        what = "has no native kernel" if not _native.has_op(op) else f"reads bfloat16, float16 or float32, not {W.dtype}"
+        what = (
+            "has no native kernel"
+            if not _native.has_op(op)
+            else f"reads bfloat16, float16 or float32, not {W.dtype}"
+        )
         raise BackendError(f"backend 'native' cannot run {op}: it {what}")
     return False
 
@@ -193,9 +212,16 @@ def _frame_inputs(
     d = W.shape[1]
     if not isinstance(center, torch.Tensor) or center.shape != (d,) or not center.dtype.is_floating_point:
         got = tuple(center.shape) if isinstance(center, torch.Tensor) else type(center).__name__
-        raise InputError(f"{op}: center must be a floating-point tensor of shape ({d},) (W's columns), got {got}")
+        raise InputError(
+            f"{op}: center must be a floating-point tensor of shape ({d},) (W's columns), got {got}"
+        )
     if basis is not None:
-        if not isinstance(basis, torch.Tensor) or basis.dim() != 2 or basis.shape[0] != d or basis.shape[1] < 1:
+        if (
+            not isinstance(basis, torch.Tensor)
+            or basis.dim() != 2
+            or basis.shape[0] != d
+            or basis.shape[1] < 1
+        ):
             got = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
             raise InputError(f"{op}: basis must be a tensor of shape ({d}, k) with k >= 1, got {got}")
         basis = basis.to(W.device, torch.float32).contiguous()

@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=args.dist_timeout))
     except (RuntimeError, ValueError) as exc:
-        raise DistributedError(f"cannot join the torchrun group ({backend}): {str(exc).splitlines()[0]}") from None
+        raise DistributedError(
+            f"cannot join the torchrun group ({backend}): {str(exc).splitlines()[0]}"
+        ) from None
     try:
         return _run(args, dist.get_rank(), dist.get_world_size())
     finally:
@@ -68,7 +70,9 @@ def _agree(rank: int, problem: str | None, stage: str) -> None:
     found = [(r, p) for r, p in enumerate(problems) if p is not None]
     if found:
         r, p = found[0]
-        raise InputError(p if all(q == p for _, q in found) and len(found) == len(problems) else f"rank {r}: {p}")
+        raise InputError(
+            p if all(q == p for _, q in found) and len(found) == len(problems) else f"rank {r}: {p}"
+        )
 
 
 def _run(args: argparse.Namespace, rank: int, size: int) -> int:
@@ -79,7 +83,9 @@ def _run(args: argparse.Namespace, rank: int, size: int) -> int:
             prepare(job, args)
         outs = [str(p) for j in jobs for p in j.outputs.values()]
         if len(set(outs)) != len(outs):
-            raise InputError("two frames would be written to the same file; give each model its own --out-dir")
+            raise InputError(
+                "two frames would be written to the same file; give each model its own --out-dir"
+            )
     except RefframeError as exc:
         problem = str(exc)
     _agree(rank, problem, "checking the inputs")
@@ -115,7 +121,9 @@ def _run_job(job: Job, args: argparse.Namespace, rank: int, size: int) -> None:
     def same() -> tuple:
         return tuple(x for k, v in job.clusters.items() for x in (k, v))
 
-    shard = distributed.shard_of(mine, dist.group.WORLD, row_offset=r0, op=job.w_name, backend=args.backend, checks=same)
+    shard = distributed.shard_of(
+        mine, dist.group.WORLD, row_offset=r0, op=job.w_name, backend=args.backend, checks=same
+    )
     options = Options(args.backend, args.device, EIGH_DTYPES[args.eigh_dtype], args.force)
     res = build_sharded(
         shard,
@@ -142,7 +150,11 @@ def _run_job(job: Job, args: argparse.Namespace, rank: int, size: int) -> None:
             t0 = time.perf_counter()
             _report_saved(_save(job, res, args, progress))
             stages = {"load": job.t_load, "hash": t_hash, **res.timings, "save": time.perf_counter() - t0}
-            say("Stage times: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f"; total {sum(stages.values()):.2f} s")
+            say(
+                "Stage times: "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+                + f"; total {sum(stages.values()):.2f} s"
+            )
         except RefframeError as exc:
             problem = str(exc)
     problems = distributed.gather_objects(None, rank, problem, "writing the frames")
