@@ -5,6 +5,7 @@ report numbers, tests do not judge them.)"""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -55,3 +56,19 @@ def test_bench_repeated_small_json(capsys):
     table = bench_repeated.format_table(r)
     for text in ("cache hit build", "K = 64 clusters, one PCA (no cache)", "--no-fsync", "replacing"):
         assert text in table
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gloo on the loopback device 'lo'")
+def test_bench_distributed_small_json(capsys, monkeypatch):
+    from refframe.bench import distributed as bench_distributed
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert bench_distributed.main(["--ranks", "2", "--small", "--reps", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ranks"] == 2 and len(r["single_seconds"]) == len(r["sharded"]) == 1
+    sharded = r["sharded"][0]
+    assert _positive(sharded["seconds"]) and _positive(sharded["reduce_seconds"])
+    assert len(sharded["rank_peak_rss_gb"]) == 2 and all(_positive(v) for v in sharded["rank_peak_rss_gb"])
+    assert len(r["cli"]["rank_peak_rss_gb"]) == 2 and _positive(r["ratio_sharded_over_single_median"])
+    assert "2 ranks x 1 thread" in bench_distributed.format_table(r)

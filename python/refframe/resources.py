@@ -7,6 +7,9 @@ available), unless forced (--force, REFFRAME_SKIP_MEMORY_CHECK=1).
 from __future__ import annotations
 
 import os
+import resource
+import sys
+from pathlib import Path
 
 import torch
 
@@ -132,3 +135,16 @@ def check_memory(
         f"memory with the {backend} backend on {device.type}, only {_gb(avail)} is available; "
         f"{hint}free memory, or pass --force ({SKIP_MEMORY_CHECK_ENV}=1) to try anyway"
     )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM belongs to the current address space, so unlike
+    ru_maxrss on Linux it does not carry over the parent's peak through fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

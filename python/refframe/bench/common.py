@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..resources import peak_rss_bytes  # noqa: F401 (the benches' measure of memory, kept importable here)
 from ..synthetic import SyntheticSpec
 
 FULL = SyntheticSpec()
@@ -57,19 +56,6 @@ def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. VmHWM belongs to the current address space, so unlike
-    ru_maxrss on Linux it does not carry over the parent's peak through fork and exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def cpu_model() -> str:

@@ -197,6 +197,12 @@ def _add_bench(sub) -> argparse.ArgumentParser:
         action="store_true",
         help="repeated builds instead: PCA cache hit vs miss, K = 1/16/64 clusters, hashing GB/s",
     )
+    bn.add_argument(
+        "--distributed",
+        type=int,
+        metavar="K",
+        help="a sharded covariance instead: K ranks x 1 thread (gloo, loopback) against 1 process x K threads",
+    )
     bn.set_defaults(command_module="bench")
     return bn
 

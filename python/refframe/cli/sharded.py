@@ -25,6 +25,7 @@ from ..build import Options, build_sharded
 from ..errors import DistributedError, InputError, OutputError, RefframeError
 from ..layout import EIGH_DTYPE_NAMES, __version__
 from ..progress import QUIET, Progress
+from ..resources import peak_rss_bytes
 from .build import Job, _report_frames, _report_inputs, _report_saved, _save, prepare, resolve_jobs
 from .console import say
 
@@ -157,6 +158,8 @@ def _run_job(job: Job, args: argparse.Namespace, rank: int, size: int) -> None:
             )
         except RefframeError as exc:
             problem = str(exc)
-    problems = distributed.gather_objects(None, rank, problem, "writing the frames")
-    if problems[0] is not None:
-        raise OutputError(problems[0] if rank == 0 else f"rank 0 could not write the frames: {problems[0]}")
+    words = distributed.gather_objects(None, rank, (problem, peak_rss_bytes()), "writing the frames")
+    if words[0][0] is not None:
+        raise OutputError(words[0][0] if rank == 0 else f"rank 0 could not write the frames: {words[0][0]}")
+    if rank == 0:
+        say("Peak memory per rank: " + ", ".join(f"{peak / 1e9:.2f}" for _, peak in words) + " GB")
