@@ -244,6 +244,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// The entry (i, j) of W's columns that block blockIdx.x's thread holds in the row splits' partials
+// (one block per (tile, e)), and its fp64 sum over the splits in split order; false outside the
+// upper triangle.
+struct SplitEntry {
+  int64_t i, j;
+  double sum;
+};
+__device__ inline bool split_entry(const double* __restrict__ partial, int64_t tiles, int64_t splits, int64_t d,
+                                   SplitEntry& out) {
+  const int64_t tile = blockIdx.x / kPerThread;
+  const int e = blockIdx.x % kPerThread;
+  const int tid = threadIdx.x;
+  int64_t ti, tj;
+  tile_coords(tile, ti, tj);
+  out.i = ti * kTile + micro_offset(tid / 16, e / 8);
+  out.j = tj * kTile + micro_offset(tid % 16, e % 8);
+  if (out.i >= d || out.j >= d || out.i > out.j) return false;
+  const double* p = partial + tile * kTile * kTile + e * kThreads + tid;
+  out.sum = 0.0;
+  for (int64_t sp = 0; sp < splits; ++sp) out.sum += p[sp * tiles * kTile * kTile];
+  return true;
+}
+
 // cov[i][j] = cov[j][i] = fp32((sum over splits, in order, of the fp64 partials) / N), i <= j.
 //
 // One block per (tile, e): thread t reads partial entry e * 256 + t of every split (coalesced) and
@@ -252,17 +275,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 __global__ void reduce_mirror_kernel(const double* __restrict__ partial, int64_t tiles, int64_t splits, int64_t n,
                                      int64_t d, const double* __restrict__ mean64,
                                      const float* __restrict__ mean32, float* __restrict__ cov) {
-  const int64_t tile = blockIdx.x / kPerThread;
-  const int e = blockIdx.x % kPerThread;
-  const int tid = threadIdx.x;
-  int64_t ti, tj;
-  tile_coords(tile, ti, tj);
-  const int64_t i = ti * kTile + micro_offset(tid / 16, e / 8);
-  const int64_t j = tj * kTile + micro_offset(tid % 16, e % 8);
-  if (i >= d || j >= d || i > j) return;
-  const double* p = partial + tile * kTile * kTile + e * kThreads + tid;
-  double s = 0.0;
-  for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
+  SplitEntry x;
+  if (!split_entry(partial, tiles, splits, d, x)) return;
+  const int64_t i = x.i, j = x.j;
+  const double s = x.sum;
   // The rows were centered on mean32, not on the exact mean: remove the resulting rank-one term.
   const double di = mean64[i] - static_cast<double>(mean32[i]), dj = mean64[j] - static_cast<double>(mean32[j]);
   const float v = static_cast<float>(s / static_cast<double>(n) - di * dj);
@@ -382,18 +398,8 @@ __global__ void stats_merge_kernel(const double* __restrict__ partial, int64_t s
 // splits' fp64 sums, added in split order; not divided by N.
 __global__ void reduce_packed_kernel(const double* __restrict__ partial, int64_t tiles, int64_t splits, int64_t d,
                                      double* __restrict__ out) {
-  const int64_t tile = blockIdx.x / kPerThread;
-  const int e = blockIdx.x % kPerThread;
-  const int tid = threadIdx.x;
-  int64_t ti, tj;
-  tile_coords(tile, ti, tj);
-  const int64_t i = ti * kTile + micro_offset(tid / 16, e / 8);
-  const int64_t j = tj * kTile + micro_offset(tid % 16, e % 8);
-  if (i >= d || j >= d || i > j) return;
-  const double* p = partial + tile * kTile * kTile + e * kThreads + tid;
-  double s = 0.0;
-  for (int64_t sp = 0; sp < splits; ++sp) s += p[sp * tiles * kTile * kTile];
-  out[i * d - i * (i - 1) / 2 + (j - i)] = s;
+  SplitEntry x;
+  if (split_entry(partial, tiles, splits, d, x)) out[x.i * d - x.i * (x.i - 1) / 2 + (x.j - x.i)] = x.sum;
 }
 
 void check_share(const at::Tensor& W, const char* op, int64_t row_offset, int64_t total_rows) {
