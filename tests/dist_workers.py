@@ -143,6 +143,20 @@ def frame_of_dtensor(rank: int, k: int) -> dict[str, torch.Tensor]:
     return {"eigenvalues": frame.eigenvalues, "eigenvectors": frame.eigenvectors, "centroid": frame.centroid}
 
 
+def frame_of_dtensor_2d(rank: int, k: int) -> dict[str, torch.Tensor]:
+    """A 2 x 2 mesh, rows sharded along the first dimension and replicated along the second: each
+    replica group builds the frame on its own, every rank gets the same."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import refframe
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    W = distribute_tensor(make_matrix(), mesh, [Shard(0), Replicate()])
+    frame = refframe.build_frame(W, IDS)
+    return {"eigenvalues": frame.eigenvalues, "eigenvectors": frame.eigenvectors, "centroid": frame.centroid}
+
+
 def dtensor_on_columns(rank: int, k: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor

@@ -111,6 +111,17 @@ def test_dtensor_sharded_on_rows():
     torch.testing.assert_close(got[0]["centroid"], ref["centroid"], rtol=0, atol=1e-7)
 
 
+def test_dtensor_on_a_2d_mesh_replicated_along_one_dimension():
+    W = dw.make_matrix()
+    ref = one_process(W, "auto")
+    results, _ = dw.launch(dw.frame_of_dtensor_2d, 4)
+    got = ok_results(results, 4)
+    for r in got[1:]:
+        assert torch.equal(r["eigenvectors"], got[0]["eigenvectors"])
+    torch.testing.assert_close(got[0]["eigenvalues"], ref["eigenvalues"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(got[0]["centroid"], ref["centroid"], rtol=0, atol=1e-7)
+
+
 def test_dtensor_sharded_on_columns_is_refused():
     results, _ = dw.launch(dw.dtensor_on_columns, 2)
     for status, (kind, message) in results.values():
