@@ -223,3 +223,30 @@ def test_build_says_which_covariance_path_ran(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("REFFRAME_CPU_KERNEL")
     assert main(["build", "--model-dir", str(tmp_path), "--no-cache", "--device", "cpu", "--backend", "native"]) == 0
     assert "covariance: native (kernel set " in capsys.readouterr().out
+
+
+def test_chunked_covariance_stops_at_its_next_chunk_when_interrupted():
+    """An interrupt asks the worker thread's chunked covariance to stop (interrupt.cancel_requested),
+    as the native kernel stops at its next row block; the worker then ends instead of running on."""
+    import threading
+
+    from refframe import interrupt
+
+    W = make_w(20_000, 64, torch.bfloat16)
+    got: dict[str, str] = {}
+
+    def work() -> None:
+        interrupt._CANCELLED.add(threading.get_ident())
+        try:
+            chunked.covariance(W)
+        except RuntimeError as exc:
+            got["error"] = str(exc)
+        finally:
+            interrupt._CANCELLED.discard(threading.get_ident())
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert got["error"] == "covariance: cancelled"
+    assert not interrupt.cancel_requested()  # only the interrupted thread is asked
+    assert chunked.covariance(W)[1].shape == (64, 64)

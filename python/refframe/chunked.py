@@ -21,6 +21,7 @@ import torch
 
 from .checks import check_w
 from .errors import InputError
+from .interrupt import cancel_requested
 
 # Measured on a 2-core AMD EPYC (Zen 4) with MKL's dgemm at d = 1,024 and 2,560: panels of 384
 # columns ran the triangle 1.2-1.5x faster than the full Gram (1.7x the triangle's flops at d = 2,560),
@@ -42,9 +43,12 @@ def _work_dtype(device: torch.device) -> torch.dtype:
 
 
 def _row_chunks(W: torch.Tensor):
-    """(first row, rows) of W, a chunk at a time, in row order."""
+    """(first row, rows) of W, a chunk at a time, in row order; stops with "covariance: cancelled"
+    before a chunk when the computation was interrupted (interrupt.cancel_requested)."""
     step = chunk_rows(W.shape[1])
     for r0 in range(0, W.shape[0], step):
+        if cancel_requested():
+            raise RuntimeError("covariance: cancelled")
         yield r0, W[r0 : r0 + step]
 
 
