@@ -1035,9 +1035,9 @@ void with_rows(const at::Tensor& W, const char* op, int64_t min_rows, const F& f
 }
 
 std::tuple<at::Tensor, at::Tensor> center_syrk_cpu(const at::Tensor& W) {
-  at::Tensor mean = at::empty({W.dim() == 2 ? W.size(1) : 0}, W.options().dtype(at::kDouble));
-  at::Tensor cov;
+  at::Tensor mean, cov;
   with_rows(W, "center_syrk", 1, [&](const auto& rows) {
+    mean = at::empty({rows.d}, W.options().dtype(at::kDouble));
     cov = at::empty({rows.d, rows.d}, W.options().dtype(at::kFloat));
     center_syrk_impl(rows, mean.data_ptr<double>(), cov.data_ptr<float>());
   });

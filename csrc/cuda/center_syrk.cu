@@ -299,10 +299,71 @@ bool mma_requested() {
   return true;
 }
 
+// W (N, d) on a CUDA device, as the launches below read it: its rows, the upper-triangle tiles of
+// its columns, and whether the 16-byte loads of Chunk<T, true> are allowed.
+template <typename T>
+struct Matrix {
+  const T* w;
+  int64_t n, d, s0, s1, tiles;
+  bool vec;
+  Matrix(const at::Tensor& W, const char* op)
+      : w(W.const_data_ptr<T>()), n(W.size(0)), d(W.size(1)), s0(W.stride(0)), s1(W.stride(1)) {
+    const int64_t per_side = ceil_div(d, kTile);
+    tiles = per_side * (per_side + 1) / 2;
+    TORCH_CHECK(tiles * kPerThread <= INT32_MAX, op, " (CUDA): d = ", d, " is too large");
+    vec = s1 == 1 && s0 % 8 == 0 && d % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  }
+};
+
+// A pass's fp64 partials, one slice per row split.
+struct SplitPartials {
+  at::Tensor partial;
+  int64_t splits;
+};
+
+// Pass 1: exact fp64 column sums, sums of squares and ranges, per row split: column_sum_kernel's
+// partials (4 * splits, d).
+template <typename T>
+SplitPartials column_sums_launch(const Matrix<T>& m, const at::TensorOptions& f64,
+                                                  cudaStream_t stream) {
+  const int64_t rows = std::max(kMinMeanRows, ceil_div(m.n, kMaxMeanSplits));
+  const int64_t splits = ceil_div(m.n, rows);
+  at::Tensor partial = at::empty({4 * splits, m.d}, f64);
+  column_sum_kernel<T><<<dim3(ceil_div(m.d, kSumCols), splits), dim3(kSumCols, kSumLanes), 0, stream>>>(
+      m.w, m.n, m.d, m.s0, m.s1, rows, partial.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {partial, splits};
+}
+
+// Pass 2: Gram matrix of the rows centered on `centers` (fp32, d, on the device), upper-triangle
+// tiles, split over rows.
+template <typename T>
+SplitPartials gram_launch(const Matrix<T>& m, const float* centers, const DeviceInfo& info,
+                                           const at::TensorOptions& f64, cudaStream_t stream) {
+  const bool smem_acc = static_cast<size_t>(info.smem_optin) >= kSmemWithAcc;
+  const size_t smem = smem_acc ? kSmemWithAcc : kSmemBase;
+  const auto kernel = m.vec ? syrk_kernel<T, true> : syrk_kernel<T, false>;
+  const SyrkPlan plan = plan_for(kernel, smem, m.n, m.tiles, info);
+  at::Tensor partial = at::empty({plan.splits * m.tiles * kTile * kTile}, f64);
+  kernel<<<dim3(m.tiles, plan.splits), kThreads, smem, stream>>>(m.w, m.n, m.d, m.s0, m.s1, centers,
+                                                                 plan.rows_per_split, m.tiles, smem_acc,
+                                                                 partial.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {partial, plan.splits};
+}
+
+// f(T{}) for W's element type (bf16, fp16 or fp32, checked by the caller).
+template <typename F>
+void with_type(const at::Tensor& W, const F& f) {
+  if (W.scalar_type() == at::kBFloat16) f(c10::BFloat16{});
+  else if (W.scalar_type() == at::kHalf) f(c10::Half{});
+  else f(float{});
+}
+
 template <typename T>
 void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) {
-  const int64_t n = W.size(0), d = W.size(1), s0 = W.stride(0), s1 = W.stride(1);
-  const T* w = W.const_data_ptr<T>();
+  const Matrix<T> m(W, "center_syrk");
+  const int64_t n = m.n, d = m.d, tiles = m.tiles;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f64 = W.options().dtype(at::kDouble);
   const auto f32 = W.options().dtype(at::kFloat);
@@ -310,22 +371,13 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
   const bool asked_mma = mma_requested();  // checked for every dtype: a bad value is an error
   const bool mma = asked_mma && !std::is_same_v<T, float> && mma_fits(info);
 
-  // Pass 1: exact fp64 column sums, sums of squares and ranges, per row split.
-  const int64_t mean_rows = std::max(kMinMeanRows, ceil_div(n, kMaxMeanSplits));
-  const int64_t mean_splits = ceil_div(n, mean_rows);
-  at::Tensor mean_partial = at::empty({4 * mean_splits, d}, f64);
-  column_sum_kernel<T><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0, stream>>>(
-      w, n, d, s0, s1, mean_rows, mean_partial.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  const int64_t per_side = ceil_div(d, kTile);
-  const int64_t tiles = per_side * (per_side + 1) / 2;
-  TORCH_CHECK(tiles * kPerThread <= INT32_MAX, "center_syrk (CUDA): d = ", d, " is too large");
-  const bool vec = s1 == 1 && s0 % 8 == 0 && d % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  const SplitPartials pass1 = column_sums_launch(m, f64, stream);
+  const at::Tensor& mean_partial = pass1.partial;
+  const int64_t mean_splits = pass1.splits;
 
   if constexpr (!std::is_same_v<T, float>) {
     if (mma) {
-      center_syrk_mma<T>(w, n, d, s0, s1, vec, tiles, mean_partial, mean_splits, mean, cov, info, stream);
+      center_syrk_mma<T>(m.w, n, d, m.s0, m.s1, m.vec, tiles, mean_partial, mean_splits, mean, cov, info, stream);
       return;
     }
   }
@@ -336,20 +388,11 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
       mean_partial.const_data_ptr<double>(), mean_splits, n, d, mean.data_ptr<double>(), mean32.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Pass 2: Gram matrix of the centered rows, upper-triangle tiles, split over rows.
-  const bool smem_acc = static_cast<size_t>(info.smem_optin) >= kSmemWithAcc;
-  const size_t smem = smem_acc ? kSmemWithAcc : kSmemBase;
-  const auto kernel = vec ? syrk_kernel<T, true> : syrk_kernel<T, false>;
-  const SyrkPlan plan = plan_for(kernel, smem, n, tiles, info);
-  at::Tensor partial = at::empty({plan.splits * tiles * kTile * kTile}, f64);
-  kernel<<<dim3(tiles, plan.splits), kThreads, smem, stream>>>(
-      w, n, d, s0, s1, mean32.const_data_ptr<float>(), plan.rows_per_split, tiles, smem_acc,
-      partial.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const SplitPartials pass2 = gram_launch(m, mean32.const_data_ptr<float>(), info, f64, stream);
 
   // Pass 3: merge the splits, scale, mirror.
   reduce_mirror_kernel<<<tiles * kPerThread, kThreads, 0, stream>>>(
-      partial.const_data_ptr<double>(), tiles, plan.splits, n, d, mean.const_data_ptr<double>(),
+      pass2.partial.const_data_ptr<double>(), tiles, pass2.splits, n, d, mean.const_data_ptr<double>(),
       mean32.const_data_ptr<float>(), cov.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -439,29 +482,13 @@ at::Tensor center_stats_cuda(const at::Tensor& W, int64_t row_offset, int64_t to
   at::Tensor out = at::zeros({4, d}, W.options().dtype(at::kDouble));
   if (n > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const int64_t mean_rows = std::max(kMinMeanRows, ceil_div(n, kMaxMeanSplits));
-    const int64_t mean_splits = ceil_div(n, mean_rows);
-    at::Tensor partial = at::empty({4 * mean_splits, d}, W.options().dtype(at::kDouble));
-    AT_DISPATCH_SWITCH(W.scalar_type(), "center_stats_cuda",
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          column_sum_kernel<scalar_t><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0,
-                                        stream>>>(W.const_data_ptr<scalar_t>(), n, d, W.stride(0), W.stride(1),
-                                                  mean_rows, partial.data_ptr<double>());
-        })
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          column_sum_kernel<scalar_t><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0,
-                                        stream>>>(W.const_data_ptr<scalar_t>(), n, d, W.stride(0), W.stride(1),
-                                                  mean_rows, partial.data_ptr<double>());
-        })
-        AT_DISPATCH_CASE(at::kFloat, [&] {
-          column_sum_kernel<scalar_t><<<dim3(ceil_div(d, kSumCols), mean_splits), dim3(kSumCols, kSumLanes), 0,
-                                        stream>>>(W.const_data_ptr<scalar_t>(), n, d, W.stride(0), W.stride(1),
-                                                  mean_rows, partial.data_ptr<double>());
-        }));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    stats_merge_kernel<<<ceil_div(d, kThreads), kThreads, 0, stream>>>(partial.const_data_ptr<double>(), mean_splits,
-                                                                      d, out.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_type(W, [&](auto tag) {
+      const SplitPartials pass1 =
+          column_sums_launch(Matrix<decltype(tag)>(W, "center_stats"), W.options().dtype(at::kDouble), stream);
+      stats_merge_kernel<<<ceil_div(d, kThreads), kThreads, 0, stream>>>(pass1.partial.const_data_ptr<double>(),
+                                                                        pass1.splits, d, out.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
   out[3].copy_(sample_lsb_row(W, row_offset, total_rows));
   return out;
@@ -494,25 +521,13 @@ at::Tensor plan_centers(const at::Tensor& stats, int64_t d, int64_t total_rows) 
 
 template <typename T>
 void partial_launch(const at::Tensor& W, const at::Tensor& centers, at::Tensor& out) {
-  const int64_t n = W.size(0), d = W.size(1), s0 = W.stride(0), s1 = W.stride(1);
-  const T* w = W.const_data_ptr<T>();
+  const Matrix<T> m(W, "center_syrk_partial");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const DeviceInfo info = device_info();
-  const int64_t per_side = ceil_div(d, kTile);
-  const int64_t tiles = per_side * (per_side + 1) / 2;
-  TORCH_CHECK(tiles * kPerThread <= INT32_MAX, "center_syrk_partial (CUDA): d = ", d, " is too large");
-  const bool vec = s1 == 1 && s0 % 8 == 0 && d % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
-  const bool smem_acc = static_cast<size_t>(info.smem_optin) >= kSmemWithAcc;
-  const size_t smem = smem_acc ? kSmemWithAcc : kSmemBase;
-  const auto kernel = vec ? syrk_kernel<T, true> : syrk_kernel<T, false>;
-  const SyrkPlan plan = plan_for(kernel, smem, n, tiles, info);
-  at::Tensor partial = at::empty({plan.splits * tiles * kTile * kTile}, W.options().dtype(at::kDouble));
-  kernel<<<dim3(tiles, plan.splits), kThreads, smem, stream>>>(w, n, d, s0, s1, centers.const_data_ptr<float>(),
-                                                               plan.rows_per_split, tiles, smem_acc,
-                                                               partial.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  reduce_packed_kernel<<<tiles * kPerThread, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), tiles,
-                                                                   plan.splits, d, out.data_ptr<double>());
+  const SplitPartials pass2 =
+      gram_launch(m, centers.const_data_ptr<float>(), device_info(), W.options().dtype(at::kDouble), stream);
+  reduce_packed_kernel<<<m.tiles * kPerThread, kThreads, 0, stream>>>(pass2.partial.const_data_ptr<double>(),
+                                                                     m.tiles, pass2.splits, m.d,
+                                                                     out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -525,16 +540,10 @@ at::Tensor center_syrk_partial_cuda(const at::Tensor& W, const at::Tensor& stats
   const int64_t n = W.size(0), d = W.size(1);
   at::Tensor out = at::zeros({d * (d + 1) / 2}, W.options().dtype(at::kDouble));
   if (n == 0) return out;
-  AT_DISPATCH_SWITCH(W.scalar_type(), "center_syrk_partial_cuda",
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        partial_launch<scalar_t>(W, plan_centers<scalar_t>(stats, d, total_rows).to(W.device()), out);
-      })
-      AT_DISPATCH_CASE(at::kHalf, [&] {
-        partial_launch<scalar_t>(W, plan_centers<scalar_t>(stats, d, total_rows).to(W.device()), out);
-      })
-      AT_DISPATCH_CASE(at::kFloat, [&] {
-        partial_launch<scalar_t>(W, plan_centers<scalar_t>(stats, d, total_rows).to(W.device()), out);
-      }));
+  with_type(W, [&](auto tag) {
+    using T = decltype(tag);
+    partial_launch<T>(W, plan_centers<T>(stats, d, total_rows).to(W.device()), out);
+  });
   return out;
 }
 
