@@ -31,6 +31,7 @@
 
 #include "../center.h"
 #include "center_syrk_common.cuh"
+#include "w_checks.cuh"
 
 namespace refframe::cuda {
 namespace {
@@ -398,11 +399,7 @@ void center_syrk_launch(const at::Tensor& W, at::Tensor& mean, at::Tensor& cov) 
 }
 
 std::tuple<at::Tensor, at::Tensor> center_syrk_cuda(const at::Tensor& W) {
-  TORCH_CHECK(W.is_cuda(), "center_syrk (CUDA): W must be a CUDA tensor, got device ", W.device());
-  TORCH_CHECK(W.dim() == 2, "center_syrk (CUDA): W must be 2-D (N, d), got shape ", W.sizes());
-  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf ||
-                  W.scalar_type() == at::kFloat,
-              "center_syrk (CUDA): W must be bfloat16, float16 or float32, got ", W.scalar_type());
+  check_cuda_w(W, "center_syrk");
   const int64_t n = W.size(0), d = W.size(1);
   TORCH_CHECK(n >= 1 && d >= 1, "center_syrk (CUDA): W must have at least one row and one column, got shape ",
               W.sizes());
@@ -446,10 +443,7 @@ __global__ void reduce_packed_kernel(const double* __restrict__ partial, int64_t
 }
 
 void check_share(const at::Tensor& W, const char* op, int64_t row_offset, int64_t total_rows) {
-  TORCH_CHECK(W.is_cuda() && W.dim() == 2, op, " (CUDA): W must be a 2-D CUDA tensor, got ", W.sizes(), " on ",
-              W.device());
-  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf || W.scalar_type() == at::kFloat,
-              op, " (CUDA): W must be bfloat16, float16 or float32, got ", W.scalar_type());
+  check_cuda_w(W, op);
   TORCH_CHECK(W.size(1) >= 1, op, " (CUDA): W must have at least one column, got shape ", W.sizes());
   TORCH_CHECK(row_offset >= 0 && total_rows >= row_offset + W.size(0), op, " (CUDA): rows [", row_offset, ", ",
               row_offset + W.size(0), ") do not lie in a whole of ", total_rows, " rows");
@@ -495,7 +489,7 @@ at::Tensor center_stats_cuda(const at::Tensor& W, int64_t row_offset, int64_t to
 }
 
 at::Tensor center_row_runs_cuda(const at::Tensor& W) {
-  TORCH_CHECK(W.is_cuda() && W.dim() == 2, "center_row_runs (CUDA): W must be a 2-D CUDA tensor, got ", W.sizes());
+  check_cuda_w(W, "center_row_runs");
   return at::empty({0, 3}, W.options().dtype(at::kLong));  // the CUDA kernels leave no runs out
 }
 

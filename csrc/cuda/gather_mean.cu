@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "w_checks.cuh"
+
 namespace refframe::cuda {
 namespace {
 
@@ -93,11 +95,7 @@ constexpr int64_t kMaxPieces = 64;
 constexpr int kFinalizeThreads = 256;
 
 void check_w(const at::Tensor& W, const char* op) {
-  TORCH_CHECK(W.is_cuda(), op, " (CUDA): W must be a CUDA tensor, got device ", W.device());
-  TORCH_CHECK(W.dim() == 2, op, " (CUDA): W must be 2-D (N, d), got shape ", W.sizes());
-  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf ||
-                  W.scalar_type() == at::kFloat,
-              op, " (CUDA): W must be bfloat16, float16 or float32, got ", W.scalar_type());
+  check_cuda_w(W, op);
   TORCH_CHECK(ceil_div(W.size(1), kCols) <= 65535, op, " (CUDA): W has too many columns (", W.size(1), ")");
 }
 

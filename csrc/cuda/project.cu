@@ -32,6 +32,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "w_checks.cuh"
+
 namespace refframe::cuda {
 namespace {
 
@@ -210,14 +212,6 @@ __global__ void __launch_bounds__(kRadiiWarps * 32)
 
 namespace {
 
-void check_w(const at::Tensor& W, const char* op) {
-  TORCH_CHECK(W.is_cuda(), op, " (CUDA): W must be a CUDA tensor, got device ", W.device());
-  TORCH_CHECK(W.dim() == 2, op, " (CUDA): W must be 2-D (N, d), got shape ", W.sizes());
-  TORCH_CHECK(W.scalar_type() == at::kBFloat16 || W.scalar_type() == at::kHalf ||
-                  W.scalar_type() == at::kFloat,
-              op, " (CUDA): W must be bfloat16, float16 or float32, got ", W.scalar_type());
-}
-
 // center, contiguous: fp32 (d,) on W's device.
 at::Tensor checked_center(const at::Tensor& center, const at::Tensor& W, const char* op) {
   TORCH_CHECK(center.device() == W.device(), op, " (CUDA): center must be on W's device ", W.device(), ", got ",
@@ -294,7 +288,7 @@ void project_dispatch_k(const at::Tensor& W, const at::Tensor& center, const at:
 
 at::Tensor project_cuda(const at::Tensor& W, const at::Tensor& center, const at::Tensor& basis,
                         const std::optional<at::Tensor>& ids) {
-  check_w(W, "project");
+  check_cuda_w(W, "project");
   const c10::cuda::CUDAGuard device_guard(W.device());
   const at::Tensor c = checked_center(center, W, "project");
   const at::Tensor V = checked_basis(basis, W);
@@ -322,7 +316,7 @@ void radii_launch(const at::Tensor& W, const at::Tensor& center, const at::Tenso
 }
 
 at::Tensor radii_cuda(const at::Tensor& W, const at::Tensor& center, const std::optional<at::Tensor>& ids) {
-  check_w(W, "radii");
+  check_cuda_w(W, "radii");
   const c10::cuda::CUDAGuard device_guard(W.device());
   const at::Tensor c = checked_center(center, W, "radii");
   const at::Tensor ids64 = checked_ids(ids, W, "radii");
