@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 
 from . import _native, chunked, reference
-from .backends import NATIVE_DTYPES, covariance_backend, covariance_path, resolve_backend
+from .backends import (
+    NATIVE_DTYPES,
+    covariance_backend,
+    covariance_path,
+    covariance_runs_native,
+    resolve_backend,
+)
 from .checks import check_ids, check_offsets, check_w
 from .errors import BackendError, InputError
 
@@ -46,7 +52,7 @@ def covariance(
         mean64, cov = distributed.covariance(shard)
         return mean64.to(torch.float32), cov
     check_w(W, min_rows=1, op="covariance")
-    if covariance_backend(W, backend)[0] == "native":
+    if covariance_runs_native(W, backend):
         mean64, cov = torch.ops.refframe.center_syrk(W)
         return mean64.to(torch.float32), cov
     return chunked.covariance(W)

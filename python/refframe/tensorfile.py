@@ -240,7 +240,7 @@ def hash_tensor(
     for i in range(0, buf.size, chunk_bytes):
         h.update(buf[i : i + chunk_bytes])
         if drop_pages:
-            release_pages(raw[i : i + chunk_bytes])
+            _drop_pages(raw[i : i + chunk_bytes])
         if progress is not None:
             progress(min(i + chunk_bytes, buf.size), buf.size)
     return "xxh3_128:" + h.hexdigest()
@@ -277,6 +277,12 @@ def release_pages(t: torch.Tensor) -> bool:
     True if done."""
     if not sys.platform.startswith("linux") or t.numel() == 0 or not t.is_contiguous() or not file_mapped(t):
         return False
+    return _drop_pages(t)
+
+
+def _drop_pages(t: torch.Tensor) -> bool:
+    """madvise(MADV_DONTNEED) on the whole pages within t's bytes; t must be a view of a file
+    mapping (release_pages checks; hash_tensor checks once for all its chunks)."""
     page = mmap.PAGESIZE
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .. import distributed, tensorfile
 from .._native import native_status
-from ..build import Options, build_sharded
+from ..build import Options, build_sharded, resolve_device
 from ..errors import DistributedError, InputError, OutputError, RefframeError
 from ..layout import EIGH_DTYPE_NAMES, __version__
 from ..progress import QUIET, Progress
@@ -33,11 +33,10 @@ EIGH_DTYPES = {name: getattr(torch, name) for name in EIGH_DTYPE_NAMES}
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    """Where this rank's rows are summed: its GPU (LOCAL_RANK) with --device cuda, or auto where
-    CUDA is available; else the CPU."""
-    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """Where this rank's rows are summed: --device as a single build resolves it (build.resolve_device),
+    a CUDA device being this rank's own GPU (LOCAL_RANK)."""
+    dev = resolve_device(args.device, args.backend)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dev.type == "cuda" else dev
 
 
 def _backend(args: argparse.Namespace) -> str:
